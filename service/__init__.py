@@ -1,0 +1,1 @@
+"""loramux service: one base model, many LoRA experts, and a router that is itself a LoRA."""

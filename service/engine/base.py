@@ -1,0 +1,115 @@
+"""The engine interface both engines implement, and the small value types that cross it.
+
+The HTTP layer never touches torch or vLLM: it hands an engine token ids, an `AdapterRef` (or
+None for the bare base model) and `SamplingParams`, and reads `TokenDelta`s from an async
+iterator. Routing needs two scoring primitives, also here, so the router runs on either engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A loadable adapter version. `uid` is stable per (name, version) and never reused, which is
+    what vLLM's integer LoRA ids are derived from (a reused id would serve stale prefix-cache blocks)."""
+
+    name: str
+    version: int
+    path: Path  # validated folder holding adapter_config.json + adapter_model.safetensors
+    rank: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class TokenDelta:
+    """One step of a generation: new text (may be empty while a stop string is still possible),
+    how many tokens were generated so far, and the finish reason on the last delta."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine(abc.ABC):
+    """Async engine: one base model, many adapters resident at once."""
+
+    name: str = "engine"
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the base model (and nothing else); called once before serving."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """A Hugging Face tokenizer of the base model (chat template, encode/decode)."""
+
+    @property
+    @abc.abstractmethod
+    def module_names(self) -> set[str]:
+        """Module names of the base model that LoRA target_modules may match."""
+
+    @abc.abstractmethod
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Make an adapter version resident; raises AdapterValidationError if its weights won't load."""
+
+    @abc.abstractmethod
+    async def remove_adapter(self, adapter: AdapterRef) -> None: ...
+
+    @abc.abstractmethod
+    def loaded_adapters(self) -> list[str]:
+        """Keys (`name@version`) of the resident adapters."""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        params: SamplingParams,
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream a generation. Closing the iterator early (client gone) aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a running request and free its batch slot."""
+
+    @abc.abstractmethod
+    async def next_token_logprobs(
+        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, token_ids: Sequence[int]
+    ) -> list[float]:
+        """Log-probabilities of each of `token_ids` as the next token after the prompt (one prefill)."""
+
+    @abc.abstractmethod
+    async def sequence_logprobs(
+        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """Total log-probability of each continuation after the prompt."""
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /metrics and /ready: queue depth, running sequences, batch size."""
+        return {}

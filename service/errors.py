@@ -1,0 +1,90 @@
+"""One error vocabulary for the whole service.
+
+Every failure becomes a `LoramuxError` subclass carrying its HTTP status, an OpenAI-style `type`
+and the offending `param`; `error_body` renders the single error shape the API promises:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LoramuxError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class BadRequestError(LoramuxError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(LoramuxError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class PermissionDeniedError(LoramuxError):
+    status_code = 403
+    error_type = "permission_error"
+
+
+class NotFoundError(LoramuxError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class AdapterNotFoundError(NotFoundError):
+    """The request names an adapter the registry does not hold (or that failed to load)."""
+
+
+class ConflictError(LoramuxError):
+    status_code = 409
+    error_type = "conflict_error"
+
+
+class PayloadTooLargeError(LoramuxError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class AdapterValidationError(LoramuxError):
+    """An adapter on disk is unusable: wrong type, rank, base model, format or location."""
+
+    status_code = 422
+    error_type = "invalid_adapter_error"
+
+
+class OverloadedError(LoramuxError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class ServiceUnavailableError(LoramuxError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class DeadlineExceededError(LoramuxError):
+    status_code = 504
+    error_type = "timeout_error"
+
+
+class EngineError(LoramuxError):
+    status_code = 500
+    error_type = "engine_error"
+
+
+def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+
+
+def error_from_exception(exc: LoramuxError) -> dict[str, Any]:
+    return error_body(exc.message, exc.error_type, exc.status_code, exc.param)

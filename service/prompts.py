@@ -1,0 +1,35 @@
+"""The router's prompt, shared by training (what the router learns) and serving (what it sees).
+
+Both sides must build exactly the same token sequence, or the router is asked a question it was
+never trained on; so both call `router_messages`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROUTER_SYSTEM_PROMPT = (
+    "You are a router. Read the user's request and answer with only the name of the expert "
+    "that should handle it."
+)
+
+
+def message_text(content: Any) -> str:
+    """Text of a chat message's content: a string, or OpenAI content parts (text parts joined)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return "" if content is None else str(content)
+
+
+def router_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The router sees its own system prompt and the conversation's last user turn."""
+    user_turns = [m for m in messages if m.get("role") == "user"]
+    last = message_text(user_turns[-1]["content"]) if user_turns else ""
+    return [
+        {"role": "system", "content": ROUTER_SYSTEM_PROMPT},
+        {"role": "user", "content": last},
+    ]

