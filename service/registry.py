@@ -91,9 +91,10 @@ class RegistrySnapshot:
                 out.append(entry.active)
         return sorted(out, key=lambda v: v.name)
 
-    def task(self, name: str) -> AdapterVersion:
+    def task(self, name: str, any_kind: bool = False) -> AdapterVersion:
+        """The active version of adapter `name` (a task adapter, or any kind with `any_kind`)."""
         entry = self.entries.get(name)
-        if entry is None or entry.kind != "task" or entry.active is None:
+        if entry is None or (entry.kind != "task" and not any_kind) or entry.active is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="adapter")
         return entry.active
 

@@ -1,0 +1,67 @@
+"""The one function that maps exceptions to status codes and the error body."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from service.errors import LoramuxError, error_body, error_from_exception
+
+log = logging.getLogger(__name__)
+
+HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
+
+
+def _endpoint(request: Request) -> str:
+    return request.url.path.strip("/").replace("/", "_") or "root"
+
+
+def _count(request: Request, error_type: str) -> None:
+    state = getattr(request.app.state, "service", None)
+    if state is not None:
+        state.metrics.errors.labels(_endpoint(request), error_type).inc()
+
+
+def validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON", "body"
+    message = first.get("msg", "invalid value")
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoramuxError)
+    async def loramux_error(request: Request, exc: LoramuxError) -> JSONResponse:
+        _count(request, exc.error_type)
+        return JSONResponse(error_from_exception(exc), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_param(exc)
+        _count(request, "invalid_request_error")
+        return JSONResponse(error_body(message, "invalid_request_error", 400, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+        _count(request, error_type)
+        return JSONResponse(
+            error_body(str(exc.detail), error_type, exc.status_code), status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        _count(request, "internal_error")
+        return JSONResponse(error_body("internal server error", "internal_error", 500), status_code=500)

@@ -1,0 +1,77 @@
+"""`POST /generate`: route (unless an adapter is pinned), then generate, whole or as SSE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.api.common import check_limits, sampling_params, stop_list
+from service.api.generate.protocol import GenerateRequest
+from service.api.streaming import DONE, EventStream, route_headers, sse
+from service.errors import LoramuxError, error_from_exception
+from service.inference import Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.state import ServiceState
+
+ENDPOINT = "generate"
+
+
+async def serve_generate(state: ServiceState, body: GenerateRequest, request: Request):
+    started = time.perf_counter()
+    stop = stop_list(body.stop)
+    check_limits(state.settings, body.messages, body.max_tokens, stop)
+    params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
+    messages = body.chat()
+    param = "prompt" if body.prompt is not None else "messages"
+    ticket = state.ticket()
+    try:
+        choice = await choose(state, messages, body.adapter)
+        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
+    except BaseException:
+        ticket.release()
+        raise
+    request_id = new_request_id("gen")
+    outcome = Outcome()
+    route_ms = choice.decision.latency_ms if choice.decision else 0.0
+
+    def body_of() -> dict:
+        outcome.timings["route_ms"] = route_ms
+        outcome.timings["total_ms"] = (time.perf_counter() - started) * 1000
+        return {
+            "text": outcome.text,
+            "adapter": choice.name,
+            "version": choice.version,
+            "finish_reason": outcome.finish_reason,
+            "usage": outcome.usage(),
+            "routing": choice.route_info(),
+            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
+        }
+
+    label = choice.name or "base"
+    if not body.stream:
+        try:
+            async def run() -> None:
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                    pass
+
+            await cancel_on_disconnect(request, run())
+        finally:
+            ticket.release()
+        state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+        return JSONResponse(body_of(), headers=route_headers(choice))
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                if delta.text:
+                    yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
+            yield sse(body_of())
+            yield DONE
+            state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+        except LoramuxError as exc:
+            state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+            yield sse(error_from_exception(exc))
+
+    return EventStream(events(), on_close=ticket.release, headers=route_headers(choice))

@@ -1,0 +1,151 @@
+"""OpenAI-compatible chat completions and model listing.
+
+`model="auto"` routes with the router LoRA, an adapter's name pins that adapter, the base
+model's name uses no adapter. The response's `model` names what actually answered, and the
+`X-Loramux-Route` header carries the routing decision."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from service.api.common import check_limits, sampling_params, stop_list
+from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
+from service.api.streaming import DONE, EventStream, route_headers, sse
+from service.errors import BadRequestError, LoramuxError, error_from_exception
+from service.inference import Choice, Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.state import ServiceState
+
+ENDPOINT = "chat_completions"
+AUTO = "auto"
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> None:
+    if body.n != 1:
+        raise BadRequestError("only n=1 is supported", param="n")
+    if body.logprobs:
+        raise BadRequestError("logprobs are not supported", param="logprobs")
+    if body.presence_penalty or body.frequency_penalty:
+        raise BadRequestError("presence/frequency penalties are not supported", param="presence_penalty")
+    extra = body.model_extra or {}
+    for name in ("tools", "functions", "response_format", "logit_bias", "best_of", "tool_choice"):
+        if extra.get(name) not in (None, [], {}, "none", "auto") and not (
+            name == "response_format" and extra[name] == {"type": "text"}
+        ):
+            raise BadRequestError(f"'{name}' is not supported", param=name)
+
+
+async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: Request):
+    _refuse_unsupported(body)
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise BadRequestError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    stop = stop_list(body.stop)
+    check_limits(state.settings, body.messages, max_tokens, stop, max_param)
+    params = sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed)
+    messages = [m.as_template_dict() for m in body.messages]
+    ticket = state.ticket()
+    try:
+        choice = await _choice_for_model(state, body.model, messages)
+        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
+    except BaseException:
+        ticket.release()
+        raise
+    request_id = new_request_id("chatcmpl")
+    created = int(time.time())
+    model = choice.name or model_name(state)
+    outcome = Outcome()
+    headers = route_headers(choice)
+    label = choice.name or "base"
+
+    if not body.stream:
+        try:
+            async def run() -> None:
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                    pass
+
+            await cancel_on_disconnect(request, run())
+        finally:
+            ticket.release()
+        state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": outcome.text},
+                        "finish_reason": outcome.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": outcome.usage(),
+            },
+            headers=headers,
+        )
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None, usage: dict | None = None, choices: bool = True) -> str:
+        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                   if choices else []}
+        if include_usage:
+            payload["usage"] = usage
+        return sse(payload)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                if delta.text:
+                    yield chunk({"content": delta.text}, None)
+            yield chunk({}, outcome.finish_reason)
+            if include_usage:
+                yield chunk({}, None, outcome.usage(), choices=False)
+            yield DONE
+            state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+        except LoramuxError as exc:
+            state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+            yield sse(error_from_exception(exc))
+            yield DONE
+
+    return EventStream(events(), on_close=ticket.release, headers=headers)
+
+
+def model_name(state: ServiceState) -> str:
+    return state.settings.base_model_name or state.base.name
+
+
+async def _choice_for_model(state: ServiceState, model: str, messages: list[dict]) -> Choice:
+    if model == AUTO:
+        return await choose(state, messages, None, "model")
+    if model == model_name(state):
+        return Choice(None)
+    return await choose(state, messages, model, "model")
+
+
+def list_models(state: ServiceState) -> dict:
+    base = model_name(state)
+    created = state.created
+    cards = [
+        ModelCard(id=base, created=created, root=str(state.base.path), parent=None,
+                  max_model_len=state.settings.max_model_len),
+    ]
+    router = state.adapters.resolve_router()
+    if router is not None:
+        cards.append(ModelCard(id=AUTO, created=created, root=router.version.name, parent=base))
+    for resolved in sorted(state.adapters.loaded.values(), key=lambda r: (r.version.kind, r.version.name)):
+        version = resolved.version
+        snap_entry = state.adapters.snapshot.entries.get(version.name)
+        if snap_entry is None or snap_entry.active_version != version.version:
+            continue  # candidates and retiring versions are not served by name
+        cards.append(ModelCard(id=version.name, created=created, root=str(resolved.ref.path), parent=base))
+    return ModelList(data=cards).model_dump()

@@ -1,0 +1,21 @@
+"""`POST /route`: the routing decision alone, with every candidate's probability."""
+
+from __future__ import annotations
+
+from service.api.common import check_limits
+from service.api.generate.protocol import PromptOrMessages
+from service.inference import route
+from service.state import ServiceState
+
+
+async def serve_route(state: ServiceState, body: PromptOrMessages) -> dict:
+    check_limits(state.settings, body.messages, None, ())
+    ticket = state.ticket()
+    try:
+        choice = await route(state, body.chat())
+    finally:
+        ticket.release()
+    info = choice.route_info()
+    assert info is not None
+    state.metrics.requests.labels("route", choice.name or "base", "200").inc()
+    return info

@@ -1,0 +1,434 @@
+"""The embedded engine: transformers + peft on the CPU (or a single GPU), every adapter resident.
+
+One base model is wrapped once in a `PeftModel`; each registered adapter version is loaded into
+it under its own name. A single worker thread owns the model (so adapter loads never race a
+forward pass) and runs a continuous-batching loop: between two decode steps it admits waiting
+requests (prefilled together, then merged into the running KV cache), decodes one token for every
+running sequence in one forward pass with peft's per-row `adapter_names` (a mixed-adapter batch),
+and retires finished or aborted rows. Async callers talk to it through thread-safe queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.adapter_validation import module_names
+from service.base_model import BaseModelInfo
+from service.engine import kv_batch
+from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
+from service.engine.text_stream import TextStream
+from service.errors import AdapterValidationError, EngineError, ServiceUnavailableError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def peft_name(adapter: AdapterRef) -> str:
+    """peft keys adapters by module-dict names, which may not contain dots."""
+    return f"{adapter.name}__v{adapter.version}".replace(".", "_")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    adapter: str  # peft adapter name or BASE
+    params: SamplingParams
+    emit: Callable[[TokenDelta], None]
+    stream: TextStream
+    generator: torch.Generator | None = None
+    position: int = 0
+    generated: int = 0
+    aborted: bool = False
+    eos: set[int] = field(default_factory=set)
+
+
+class EmbeddedEngine(Engine):
+    name = "hf"
+
+    def __init__(self, settings: Settings, base: BaseModelInfo):
+        self.settings = settings
+        self.base = base
+        self._tokenizer: Any = None
+        self._model: Any = None  # PeftModel once the first adapter is loaded, else the bare model
+        self._module_names: set[str] = set()
+        self._adapters: dict[str, AdapterRef] = {}
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._requests: dict[str, _Request] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._running: list[_Request] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._last_tokens: list[int] = []
+        self._eos: set[int] = set()
+        self.batch_size = 0
+        self.steps = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._loop, name="embedded-engine", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        dtype = DTYPES[self.settings.dtype]
+        model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype)
+        model.eval()
+        self._model = model
+        self._module_names = module_names(model)
+        gen_eos = model.generation_config.eos_token_id
+        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self._eos = {int(e) for e in [*eos, self._tokenizer.eos_token_id] if e is not None}
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def module_names(self) -> set[str]:
+        return self._module_names
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "waiting": self._waiting.qsize(),
+            "running": len(self._running),
+            "batch_size": self.batch_size,
+            "adapters_loaded": len(self._adapters),
+        }
+
+    # ---- adapters ----------------------------------------------------------------------------
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        await self._call(lambda: self._add_adapter(adapter))
+
+    def _add_adapter(self, adapter: AdapterRef) -> None:
+        from peft import PeftModel
+
+        name = peft_name(adapter)
+        if name in self._adapters:
+            return
+        try:
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(str(adapter.path), adapter_name=name, use_safetensors=True)
+            else:
+                self._model = PeftModel.from_pretrained(
+                    self._model, str(adapter.path), adapter_name=name, use_safetensors=True
+                )
+        except Exception as exc:  # peft raises many types for bad weights; none may take the server down
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc}", param="path") from exc
+        self._model.eval()
+        self._adapters[name] = adapter
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        await self._call(lambda: self._remove_adapter(adapter))
+
+    def _remove_adapter(self, adapter: AdapterRef) -> None:
+        name = peft_name(adapter)
+        if name not in self._adapters:
+            return
+        for req in self._running:
+            if req.adapter == name:
+                req.aborted = True
+        self._retire_finished()
+        if len(self._adapters) == 1:
+            # peft keeps at least one adapter; unwrap back to the bare model instead
+            self._model = self._model.unload()
+        else:
+            self._model.delete_adapter(name)
+        del self._adapters[name]
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(a.key for a in self._adapters.values())
+
+    def _adapter_name(self, adapter: AdapterRef | None) -> str:
+        if adapter is None:
+            return BASE
+        name = peft_name(adapter)
+        if name not in self._adapters:
+            raise EngineError(f"adapter {adapter.key} is not loaded")
+        return name
+
+    # ---- generation ----------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        if self._thread is None or self._stop.is_set():
+            raise ServiceUnavailableError("engine is not running")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
+        req = _Request(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            adapter=self._adapter_name(adapter),
+            params=params,
+            emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
+            stream=TextStream(self._tokenizer, params.stop),
+            generator=generator,
+        )
+        self._requests[request_id] = req
+        self._waiting.put(req)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                req.aborted = True
+                self._wake.set()
+            self._requests.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is not None:
+            req.aborted = True
+            self._wake.set()
+
+    # ---- scoring (routing) ---------------------------------------------------------------------
+    async def next_token_logprobs(
+        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, token_ids: Sequence[int]
+    ) -> list[float]:
+        def run() -> list[float]:
+            logits = self._forward_single(list(prompt_ids), self._adapter_name(adapter))[-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            return [float(logprobs[t]) for t in token_ids]
+
+        return await self._call(run)
+
+    async def sequence_logprobs(
+        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        def run() -> list[float]:
+            name = self._adapter_name(adapter)
+            scores = []
+            for cont in continuations:
+                ids = list(prompt_ids) + list(cont)
+                logprobs = torch.log_softmax(self._forward_single(ids, name).float(), dim=-1)
+                start = len(prompt_ids)
+                scores.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(cont))))
+            return scores
+
+        return await self._call(run)
+
+    def _forward_single(self, ids: list[int], adapter: str) -> torch.Tensor:
+        input_ids = torch.tensor([ids])
+        kwargs = self._adapter_kwargs([adapter])
+        out = self._model(input_ids=input_ids, use_cache=False, **kwargs)
+        return out.logits[0]
+
+    # ---- worker thread ---------------------------------------------------------------------------
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between two steps and await its result."""
+        if self._thread is None:
+            return await asyncio.to_thread(fn)
+        future: Future = Future()
+        self._commands.put((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    def _adapter_kwargs(self, names: list[str]) -> dict[str, Any]:
+        from peft import PeftModel
+
+        if isinstance(self._model, PeftModel):
+            return {"adapter_names": names}
+        if any(n != BASE for n in names):
+            raise EngineError("no adapters are loaded")
+        return {}
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                with torch.inference_mode():
+                    self._run_commands()
+                    self._retire_finished()
+                    admitted = self._admit()
+                    self._retire_finished()
+                    if self._running:
+                        self._decode_step()
+                    elif not admitted:
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+            except Exception as exc:  # keep serving: fail the batch, not the process
+                log.exception("engine step failed")
+                for req in self._running:
+                    req.emit(EngineError(f"generation failed: {exc}"))
+                self._running, self._cache, self._mask, self._last_tokens = [], None, None, []
+        for req in [*self._running, *self._drain_waiting()]:
+            req.emit(ServiceUnavailableError("engine stopped"))
+
+    def _drain_waiting(self) -> list[_Request]:
+        out = []
+        while True:
+            try:
+                out.append(self._waiting.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _admit(self) -> bool:
+        room = self.settings.max_batch_size - len(self._running)
+        new: list[_Request] = []
+        while room > 0:
+            try:
+                req = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if req.aborted:
+                continue
+            if req.adapter != BASE and req.adapter not in self._adapters:
+                req.emit(EngineError(f"adapter {req.adapter} was removed"))
+                continue
+            new.append(req)
+            room -= 1
+        if not new:
+            return False
+        self._prefill(new)
+        return True
+
+    def _prefill(self, new: list[_Request]) -> None:
+        from transformers import DynamicCache
+
+        length = max(len(r.prompt_ids) for r in new)
+        pad = self._tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (length - len(r.prompt_ids)) + r.prompt_ids for r in new])
+        mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._model.config)
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            **self._adapter_kwargs([r.adapter for r in new]),
+        )
+        tokens = self._sample(out.logits[:, -1, :], new)
+        for req in new:
+            req.position = len(req.prompt_ids)
+        if self._running:
+            self._cache, self._mask = kv_batch.merge(self._cache, self._mask, out.past_key_values, mask)
+        else:
+            self._cache, self._mask = out.past_key_values, mask
+        self._running.extend(new)
+        self._last_tokens.extend(tokens)
+        self._accept(new, tokens)
+
+    def _decode_step(self) -> None:
+        input_ids = torch.tensor(self._last_tokens).unsqueeze(1)
+        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
+        positions = torch.tensor([[r.position] for r in self._running])
+        self.batch_size = len(self._running)
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            **self._adapter_kwargs([r.adapter for r in self._running]),
+        )
+        self._cache = out.past_key_values
+        tokens = self._sample(out.logits[:, -1, :], self._running)
+        for req in self._running:
+            req.position += 1
+        self._last_tokens = tokens
+        self.steps += 1
+        self._accept(self._running, tokens)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
+        for row, req in enumerate(reqs):
+            p = req.params
+            if p.temperature <= 0:
+                tokens.append(int(greedy[row]))
+                continue
+            probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
+                sorted_probs = sorted_probs * keep
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
+        return tokens
+
+    def _accept(self, reqs: list[_Request], tokens: list[int]) -> None:
+        """Turn each new token into a delta; mark rows that finished."""
+        limit = self.settings.max_model_len
+        for req, token in zip(reqs, tokens, strict=True):
+            if req.aborted:
+                continue
+            req.generated += 1
+            finish = None
+            if token in self._eos:
+                text = req.stream.flush()
+                finish = "stop"
+            else:
+                text = req.stream.push(token)
+                if req.stream.stopped:
+                    finish = "stop"
+                elif req.generated >= req.params.max_tokens or req.position + 1 >= limit:
+                    text += req.stream.flush()
+                    finish = "length"
+            req.emit(TokenDelta(text, req.generated, finish, [token]))
+            if finish is not None:
+                req.aborted = True  # done: retired before the next step
+
+    def _retire_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._running) if not r.aborted]
+        if len(keep) == len(self._running):
+            return
+        if not keep:
+            self._running, self._cache, self._mask, self._last_tokens = [], None, None, []
+            return
+        self._cache, self._mask = kv_batch.select_rows(self._cache, self._mask, keep)
+        self._running = [self._running[i] for i in keep]
+        self._last_tokens = [self._last_tokens[i] for i in keep]
+

@@ -1,0 +1,243 @@
+"""The request path shared by /generate, /route and /v1/chat/completions: build the prompt,
+choose the adapter (pinned, or routed by the router LoRA), and run the generation under the
+admission limit, the deadline and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from service.adapters import ResolvedAdapter
+from service.engine.base import SamplingParams, TokenDelta
+from service.errors import (
+    AdapterNotFoundError,
+    BadRequestError,
+    DeadlineExceededError,
+    LoramuxError,
+    ServiceUnavailableError,
+)
+from service.routing.router import RouteDecision
+from service.state import ServiceState
+
+
+@dataclass
+class Choice:
+    """The adapter a request will be served by, and the routing decision that chose it, if any."""
+
+    adapter: ResolvedAdapter | None
+    decision: RouteDecision | None = None
+    router: ResolvedAdapter | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.adapter.version.name if self.adapter else None
+
+    @property
+    def version(self) -> int | None:
+        return self.adapter.version.version if self.adapter else None
+
+    def route_info(self) -> dict[str, Any] | None:
+        if self.decision is None or self.router is None:
+            return None
+        d = self.decision
+        return {
+            "adapter": self.name,
+            "version": self.version,
+            "confidence": round(d.confidence, 6),
+            "candidates": [
+                {"adapter": name, "probability": p}
+                for name, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1])
+            ],
+            "fallback": d.fallback,
+            "router": {"name": self.router.version.name, "version": self.router.version.version},
+            "latency_ms": round(d.latency_ms, 3),
+        }
+
+
+@dataclass
+class Outcome:
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def template_messages(messages: list[dict[str, Any]], adapter: ResolvedAdapter | None) -> list[dict[str, Any]]:
+    """An expert trained with a system prompt gets it when the caller sends none."""
+    if adapter and adapter.system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": adapter.system_prompt}, *messages]
+    return messages
+
+
+def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: ResolvedAdapter | None,
+               max_tokens: int, param: str) -> list[int]:
+    ids = state.engine.tokenizer.apply_chat_template(
+        template_messages(messages, adapter), add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    limit = state.settings.max_model_len
+    if len(ids) + max_tokens > limit:
+        raise BadRequestError(
+            f"prompt has {len(ids)} tokens and {max_tokens} new tokens were asked for; "
+            f"the context length is {limit}",
+            param=param,
+        )
+    return list(ids)
+
+
+async def route(state: ServiceState, messages: list[dict[str, Any]], param: str = "adapter") -> Choice:
+    """Ask the active router; never returns an adapter that is not registered and loaded."""
+    manager = state.adapters
+    router = manager.resolve_router()
+    if router is None:
+        raise ServiceUnavailableError("no router is registered; name an adapter explicitly", param=param)
+    candidates = manager.routable(router.version.labels)
+    if not candidates:
+        raise ServiceUnavailableError("none of the router's adapters is registered and loaded")
+    settings = state.settings
+    fallback_name = None if settings.fallback == "base" else settings.fallback
+    names = [c.version.name for c in candidates]
+    decision = await state.router.decide(router.ref, names, messages, settings.route_threshold, fallback_name)
+    state.metrics.route_latency.observe(decision.latency_ms / 1000)
+    state.metrics.route_confidence.observe(decision.confidence)
+    if decision.fallback:
+        state.metrics.route_fallbacks.inc()
+    chosen = None
+    if decision.adapter is not None:
+        try:
+            chosen = manager.active(decision.adapter)
+        except (AdapterNotFoundError, BadRequestError):
+            chosen = None  # a fallback adapter that is gone: the base model is the safe answer
+    state.metrics.route_decisions.labels(decision.adapter or "base").inc()
+    await maybe_shadow(state, router, names, messages, decision)
+    return Choice(chosen, decision, router)
+
+
+async def maybe_shadow(state: ServiceState, router: ResolvedAdapter, names: list[str],
+                       messages: list[dict[str, Any]], decision: RouteDecision) -> None:
+    """With a candidate router registered, compare its decision on a sample of live traffic.
+    The active router still decides; the candidate is only observed."""
+    fraction = state.settings.shadow_fraction
+    if fraction <= 0 or random.random() >= fraction:
+        return
+    candidate = state.adapters.candidate_router()
+    if candidate is None:
+        return
+    shadow_names = [n for n in names if n in candidate.version.labels] or names
+    shadow = await state.router.decide(candidate.ref, shadow_names, messages)
+    agree = shadow.top == decision.top
+    state.metrics.shadow_agreement.labels(decision.top, shadow.top, str(agree).lower()).inc()
+    stats = state.shadow_stats.setdefault(candidate.version.uid, {"compared": 0, "agreed": 0, "disagreements": {}})
+    stats["compared"] += 1
+    stats["agreed"] += int(agree)
+    if not agree:
+        key = f"{decision.top}->{shadow.top}"
+        stats["disagreements"][key] = stats["disagreements"].get(key, 0) + 1
+
+
+async def choose(
+    state: ServiceState, messages: list[dict[str, Any]], adapter: str | None, param: str = "adapter"
+) -> Choice:
+    """A pinned adapter, or the router's decision when none is named."""
+    if adapter is None:
+        return await route(state, messages, param)
+    try:
+        return Choice(state.adapters.active(adapter))
+    except LoramuxError as exc:
+        exc.param = param
+        raise
+
+
+async def generate_stream(
+    state: ServiceState,
+    endpoint: str,
+    request_id: str,
+    ids: list[int],
+    choice: Choice,
+    params: SamplingParams,
+    outcome: Outcome,
+) -> AsyncIterator[TokenDelta]:
+    """Run one generation with the adapter held, the deadline enforced and the metrics recorded.
+    The caller holds an admission slot. Closing this iterator aborts the engine request."""
+    metrics = state.metrics
+    label = choice.name or "base"
+    started = time.perf_counter()
+    outcome.prompt_tokens = len(ids)
+    metrics.prompt_tokens.labels(label).inc(len(ids))
+    first = True
+    deadline = started + state.settings.request_timeout_s
+    async with state.adapters.use(choice.adapter):
+        stream = state.engine.generate(request_id, ids, choice.adapter.ref if choice.adapter else None, params)
+        try:
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    raise DeadlineExceededError(
+                        f"request exceeded the {state.settings.request_timeout_s:g}s deadline"
+                    )
+                try:
+                    delta = await asyncio.wait_for(anext(stream), timeout=remaining)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"request exceeded the {state.settings.request_timeout_s:g}s deadline"
+                    ) from None
+                if first:
+                    outcome.timings["ttft_ms"] = (time.perf_counter() - started) * 1000
+                    metrics.ttft.labels(label).observe(outcome.timings["ttft_ms"] / 1000)
+                    first = False
+                metrics.generated_tokens.labels(label).inc(delta.completion_tokens - outcome.completion_tokens)
+                outcome.completion_tokens = delta.completion_tokens
+                outcome.text += delta.text
+                if delta.finish_reason:
+                    outcome.finish_reason = delta.finish_reason
+                yield delta
+                if delta.finish_reason:
+                    break
+        finally:
+            await stream.aclose()
+            outcome.timings["generate_ms"] = (time.perf_counter() - started) * 1000
+            metrics.latency.labels(endpoint, label).observe(time.perf_counter() - started)
+
+
+async def cancel_on_disconnect(request: Request, work: Any) -> Any:
+    """Await `work`, but cancel it as soon as the client disconnects (frees its batch slot)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        watcher.cancel()

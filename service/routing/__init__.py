@@ -1,0 +1,1 @@
+"""Router-as-LoRA: constrained decisions among registered adapters, with confidence and fallback."""

@@ -1,0 +1,93 @@
+"""The routing decision: which registered task adapter should answer this request.
+
+The router is a LoRA trained to answer with an adapter's name. Instead of letting it generate
+free text (which could be any string), we score only the names it may choose: when the names'
+first tokens differ, one prefill with the router adapter and the next-token log-probabilities of
+those tokens decide; otherwise each name's full token sequence (plus end-of-turn) is scored. A
+softmax over the candidates' scores gives a probability for each, so the answer is always a
+registered adapter, with a confidence, and a threshold can send unsure requests to a fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service.engine.base import AdapterRef, Engine
+from service.prompts import router_messages
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    adapter: str | None  # chosen task adapter; None means the base model (fallback)
+    confidence: float  # probability of the router's top candidate
+    probabilities: dict[str, float]  # every candidate, summing to 1
+    fallback: bool
+    top: str  # the router's top candidate, even when a fallback was taken
+    latency_ms: float
+
+
+def softmax(scores: Sequence[float]) -> list[float]:
+    peak = max(scores)
+    exps = [math.exp(s - peak) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+class Router:
+    """Decisions on any engine: it needs only the tokenizer and the two scoring primitives."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._name_tokens: dict[str, list[int]] = {}
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.engine.tokenizer.apply_chat_template(
+            router_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+
+    def name_tokens(self, name: str) -> list[int]:
+        if name not in self._name_tokens:
+            self._name_tokens[name] = self.engine.tokenizer.encode(name, add_special_tokens=False)
+        return self._name_tokens[name]
+
+    async def scores(self, router: AdapterRef, candidates: Sequence[str], prompt_ids: list[int]) -> list[float]:
+        token_lists = [self.name_tokens(c) for c in candidates]
+        firsts = [tokens[0] for tokens in token_lists]
+        if len(set(firsts)) == len(firsts):
+            return await self.engine.next_token_logprobs(prompt_ids, router, firsts)
+        end = self.engine.tokenizer.eos_token_id
+        continuations = [tokens + ([end] if end is not None else []) for tokens in token_lists]
+        return await self.engine.sequence_logprobs(prompt_ids, router, continuations)
+
+    async def decide(
+        self,
+        router: AdapterRef,
+        candidates: Sequence[str],
+        messages: list[dict[str, Any]],
+        threshold: float = 0.0,
+        fallback: str | None = None,
+    ) -> RouteDecision:
+        """Choose among `candidates` (registered task adapters). Below `threshold`, answer with
+        `fallback` (an adapter name, or None for the base model)."""
+        started = time.perf_counter()
+        if not candidates:
+            raise ValueError("no candidates to route among")
+        if len(candidates) == 1:
+            probabilities = [1.0]
+        else:
+            probabilities = softmax(await self.scores(router, candidates, self.prompt_ids(messages)))
+        best = max(range(len(candidates)), key=lambda i: probabilities[i])
+        confidence = probabilities[best]
+        use_fallback = confidence < threshold
+        return RouteDecision(
+            adapter=fallback if use_fallback else candidates[best],
+            confidence=confidence,
+            probabilities=dict(zip(candidates, probabilities, strict=True)),
+            fallback=use_fallback,
+            top=candidates[best],
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
