@@ -14,7 +14,7 @@ class LoramuxError(Exception):
     status_code = 500
     error_type = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, param: str | None = None, *, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param

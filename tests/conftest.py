@@ -31,3 +31,46 @@ def task_adapters(base_model: BaseModelInfo, adapter_root: Path) -> dict[str, Pa
         name: make_lora_adapter(base_model, adapter_root / name, seed=index + 1)
         for index, name in enumerate(TASK_ADAPTERS)
     }
+
+
+@pytest.fixture(scope="session")
+def router_adapter(base_model: BaseModelInfo, adapter_root: Path) -> Path:
+    """A router LoRA with random weights: its decisions are arbitrary but must always be valid."""
+    return make_lora_adapter(base_model, adapter_root / "router", seed=99, scale=3.0)
+
+
+@pytest.fixture(scope="session")
+def served_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+    base_model: BaseModelInfo,
+    adapter_root: Path,
+    task_adapters: dict[str, Path],
+    router_adapter: Path,
+) -> Path:
+    """A registry holding the three task adapters and a router over them."""
+    from service.registration import register_adapter
+    from service.settings import Settings
+
+    registry = tmp_path_factory.mktemp("registry") / "loras.json"
+    settings = Settings(registry=registry, adapter_root=adapter_root, cache_dir=CACHE_DIR)
+    for name, path in task_adapters.items():
+        register_adapter(settings, base_model, "task", name, path, description=f"test adapter {name}")
+    register_adapter(settings, base_model, "router", "router", router_adapter, labels=TASK_ADAPTERS)
+    return registry
+
+
+@pytest.fixture(scope="session")
+def server(served_registry: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real `loramux serve` on 127.0.0.1 with the three adapters and the router."""
+    from tests.support import ServerProcess
+
+    env = {
+        "LORAMUX_REGISTRY": str(served_registry),
+        "LORAMUX_ADAPTER_ROOT": str(adapter_root),
+        "LORAMUX_CACHE_DIR": str(CACHE_DIR),
+        "LORAMUX_REGISTRY_POLL_S": "0.2",
+        "LORAMUX_MAX_MODEL_LEN": "512",
+    }
+    proc = ServerProcess(env).start(tmp_path_factory.mktemp("server") / "server.log")
+    yield proc
+    proc.stop()

@@ -1,0 +1,128 @@
+"""Adapters come and go on a running server: admin API, registry edits, rollbacks, bad entries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.registration import register_adapter
+from service.registry import Registry
+from service.settings import Settings
+from tests.conftest import CACHE_DIR
+from tests.support import ServerProcess, make_lora_adapter
+
+ADMIN = "admin-key"
+USER = "user-key"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, base_model, task_adapters):
+    root = tmp_path_factory.mktemp("admin_root")
+    for name in ("alpha", "beta"):
+        shutil.copytree(task_adapters[name], root / name)
+    registry = root / "loras.json"
+    settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
+    register_adapter(settings, base_model, "task", "alpha", root / "alpha")
+    env = {
+        "LORAMUX_REGISTRY": str(registry),
+        "LORAMUX_ADAPTER_ROOT": str(root),
+        "LORAMUX_CACHE_DIR": str(CACHE_DIR),
+        "LORAMUX_REGISTRY_POLL_S": "0.2",
+        "LORAMUX_API_KEYS": USER,
+        "LORAMUX_ADMIN_API_KEYS": ADMIN,
+    }
+    server = ServerProcess(env).start(root / "server.log")
+    yield server, root, registry, settings
+    server.stop()
+
+
+def gen(server, adapter: str, key: str = USER) -> httpx.Response:
+    return httpx.post(f"{server.url}/generate", json={"prompt": "Hi", "adapter": adapter, "max_tokens": 4},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def admin(server, method: str, path: str, key: str = ADMIN, **kwargs) -> httpx.Response:
+    return httpx.request(method, f"{server.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                         **kwargs)
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_register_through_the_admin_api(setup):
+    server, root, registry, _ = setup
+    r = admin(server, "POST", "/admin/adapters", json={"name": "beta", "path": "beta", "description": "second"})
+    assert r.status_code == 201, r.text
+    assert r.json()["loaded"] is True and r.json()["version"] == 1
+    assert gen(server, "beta").status_code == 200
+
+
+def test_admin_needs_the_admin_key(setup):
+    server, *_ = setup
+    assert admin(server, "GET", "/admin/adapters", key=USER).status_code == 403
+    assert admin(server, "GET", "/admin/adapters", key="wrong").status_code == 401
+    assert httpx.get(f"{server.url}/admin/adapters").status_code == 401
+    assert admin(server, "GET", "/admin/adapters").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [("../alpha", "'..'"), ("/etc", "outside the adapter root"), ("missing", "does not exist")],
+)
+def test_bad_registrations_are_refused_and_others_keep_serving(setup, path, reason):
+    server, *_ = setup
+    r = admin(server, "POST", "/admin/adapters", json={"name": "bad", "path": path})
+    assert r.status_code == 422 and reason in r.json()["error"]["message"]
+    assert gen(server, "alpha").status_code == 200
+
+
+def test_registry_entry_outside_root_or_pickle_is_marked_failed(setup, tmp_path):
+    server, root, registry, _ = setup
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(root / "alpha" / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"not really a pickle")
+    data = json.loads(registry.read_text())
+    for name, path in (("outside", str(tmp_path)), ("pickled", "pickled")):
+        data["adapters"][name] = {"kind": "task", "active_version": 1,
+                                  "versions": [{"version": 1, "path": path, "status": "active"}]}
+    tmp = registry.with_suffix(".edit")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(registry)
+    assert wait_for(lambda: gen(server, "pickled").status_code == 422)
+    assert "pickle" in gen(server, "pickled").json()["error"]["message"]
+    assert "outside the adapter root" in gen(server, "outside").json()["error"]["message"]
+    assert gen(server, "alpha").status_code == 200
+    view = admin(server, "GET", "/admin/adapters").json()
+    errors = {a["name"]: a["versions"][0]["error"] for a in view["adapters"]}
+    assert errors["alpha"] is None and "pickle" in errors["pickled"]
+
+
+def test_new_version_rollback_and_remove_without_restart(setup, base_model):
+    server, root, registry, settings = setup
+    make_lora_adapter(base_model, root / "alpha_v2", seed=42)
+    prompt = {"prompt": "Describe the moon.", "adapter": "alpha", "max_tokens": 12}
+    headers = {"Authorization": f"Bearer {USER}"}
+    before = httpx.post(f"{server.url}/generate", json=prompt, headers=headers, timeout=120).json()
+    register_adapter(settings, base_model, "task", "alpha", root / "alpha_v2")  # the CLI's path: file only
+    assert wait_for(lambda: gen(server, "alpha").json().get("version") == 2)
+    after = httpx.post(f"{server.url}/generate", json=prompt, headers=headers, timeout=120).json()
+    assert after["text"] != before["text"]
+    r = admin(server, "POST", "/admin/adapters/alpha/activate", json={})
+    assert r.json()["active_version"] == 1
+    again = httpx.post(f"{server.url}/generate", json=prompt, headers=headers, timeout=120).json()
+    assert again["version"] == 1 and again["text"] == before["text"]
+    assert admin(server, "DELETE", "/admin/adapters/beta").status_code == 200
+    assert gen(server, "beta").status_code == 404
+    assert Registry(registry).load().task("alpha").version == 1

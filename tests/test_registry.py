@@ -1,0 +1,69 @@
+"""The registry file: both formats, versions, activation and rollback, removal, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.errors import AdapterNotFoundError, ConflictError
+from service.registry import AdapterVersion, Registry
+
+
+def version(name: str, kind: str = "task", path: str = "x", labels: tuple[str, ...] = ()) -> AdapterVersion:
+    return AdapterVersion(name=name, kind=kind, version=0, path=path, labels=labels)  # type: ignore[arg-type]
+
+
+def test_seed_format_is_read(tmp_path: Path):
+    file = tmp_path / "loras.json"
+    file.write_text(json.dumps({"calendar": "/loras/calendar", "lights": "/loras/lights", "router": "/loras/router"}))
+    snap = Registry(file).load()
+    assert snap.task("calendar").path == "/loras/calendar"
+    router = snap.router()
+    assert router is not None and router.name == "router"
+    assert router.labels == ("calendar", "lights")
+
+
+def test_versions_activate_rollback_remove(tmp_path: Path):
+    reg = Registry(tmp_path / "loras.json")
+    assert reg.add_version(version("a", path="a1")).version == 1
+    assert reg.add_version(version("a", path="a2")).version == 2
+    snap = reg.load()
+    assert snap.task("a").path == "a2"
+    assert [v.status for v in snap.entries["a"].versions] == ["retired", "active"]
+    reg.activate("a")  # roll back
+    assert reg.load().task("a").path == "a1"
+    with pytest.raises(ConflictError):
+        reg.activate("a")  # nothing older than version 1
+    reg.activate("a", 2)
+    assert reg.load().task("a").version == 2
+    reg.remove("a")
+    with pytest.raises(AdapterNotFoundError):
+        reg.load().task("a")
+
+
+def test_candidate_versions_do_not_serve_until_promoted(tmp_path: Path):
+    reg = Registry(tmp_path / "loras.json")
+    reg.add_version(version("r", kind="router", path="r1", labels=("a", "b")))
+    cand = reg.add_version(version("r", kind="router", path="r2", labels=("a", "b", "c")), activate=False)
+    assert cand.status == "candidate"
+    snap = reg.load()
+    assert snap.router().path == "r1"
+    reg.activate("r", cand.version)
+    assert reg.load().router().path == "r2"
+
+
+def test_kind_conflict_is_refused(tmp_path: Path):
+    reg = Registry(tmp_path / "loras.json")
+    reg.add_version(version("a"))
+    with pytest.raises(ConflictError):
+        reg.add_version(version("a", kind="router", labels=("x", "y")))
+
+
+def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path):
+    reg = Registry(tmp_path / "loras.json")
+    for i in range(5):
+        reg.add_version(version(f"a{i}"))
+    assert json.loads((tmp_path / "loras.json").read_text())["format"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loras.json", "loras.json.lock"]
