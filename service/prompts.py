@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-ROUTER_SYSTEM_PROMPT = (
-    "You are a router. Read the user's request and answer with only the name of the expert "
-    "that should handle it."
-)
+# Short on purpose: every routing decision prefills it (its KV is cached per router, but shorter
+# is still cheaper on a cache miss), and the router LoRA learns the task, not the instruction.
+ROUTER_SYSTEM_PROMPT = "Name the expert for this request."
 
 
 def message_text(content: Any) -> str:

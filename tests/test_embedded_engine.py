@@ -141,3 +141,18 @@ def test_runtime_add_and_remove(engine_and_refs, base_model, adapter_root):
     with_extra, last = loop.run_until_complete(scenario())
     assert with_extra and last.finish_reason in ("length", "stop")
     assert "delta@1" not in engine.loaded_adapters()
+
+
+def test_cached_prefix_gives_the_same_logprobs(engine_and_refs):
+    from service.routing.router import Router
+
+    engine, refs, loop = engine_and_refs
+    router = Router(engine)
+    tokens = [engine.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("alpha", "beta", "gamma")]
+    for text in ("Turn on the lights", "What is the weather like in Paris tomorrow afternoon?"):
+        ids = router.prompt_ids([{"role": "user", "content": text}])
+        assert 0 < router.prefix_len() < len(ids)
+        plain = loop.run_until_complete(engine.next_token_logprobs(ids, refs["beta"], tokens))
+        for _ in range(2):  # a miss that fills the prefix cache, then a hit
+            cached = loop.run_until_complete(engine.next_token_logprobs(ids, refs["beta"], tokens, router.prefix_len()))
+            assert cached == pytest.approx(plain, abs=1e-4)

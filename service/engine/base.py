@@ -100,9 +100,15 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def next_token_logprobs(
-        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, token_ids: Sequence[int]
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        token_ids: Sequence[int],
+        prefix_len: int = 0,
     ) -> list[float]:
-        """Log-probabilities of each of `token_ids` as the next token after the prompt (one prefill)."""
+        """Log-probabilities of each of `token_ids` as the next token after the prompt (one prefill).
+        `prefix_len` is a hint: that many leading tokens are the same on every call (the router's
+        system prompt), so an engine may cache their KV instead of recomputing them."""
 
     @abc.abstractmethod
     async def sequence_logprobs(

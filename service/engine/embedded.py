@@ -77,6 +77,7 @@ class EmbeddedEngine(Engine):
         self._mask: torch.Tensor | None = None
         self._last_tokens: list[int] = []
         self._eos: set[int] = set()
+        self._prefix_cache: dict[tuple[str, tuple[int, ...]], Any] = {}
         self.batch_size = 0
         self.steps = 0
 
@@ -160,6 +161,7 @@ class EmbeddedEngine(Engine):
         else:
             self._model.delete_adapter(name)
         del self._adapters[name]
+        self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
 
     def loaded_adapters(self) -> list[str]:
         return sorted(a.key for a in self._adapters.values())
@@ -221,14 +223,44 @@ class EmbeddedEngine(Engine):
 
     # ---- scoring (routing) ---------------------------------------------------------------------
     async def next_token_logprobs(
-        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, token_ids: Sequence[int]
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        token_ids: Sequence[int],
+        prefix_len: int = 0,
     ) -> list[float]:
         def run() -> list[float]:
-            logits = self._forward_single(list(prompt_ids), self._adapter_name(adapter))[-1]
+            logits = self._last_logits(list(prompt_ids), self._adapter_name(adapter), prefix_len)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             return [float(logprobs[t]) for t in token_ids]
 
         return await self._call(run)
+
+    def _last_logits(self, ids: list[int], adapter: str, prefix_len: int) -> torch.Tensor:
+        """Next-token logits after `ids`. The first `prefix_len` tokens (the router's fixed system
+        prompt) are prefilled once per adapter and their KV cache reused, so a routing decision
+        costs a prefill of the user's text only."""
+        kwargs = self._adapter_kwargs([adapter])
+        if prefix_len <= 0 or prefix_len >= len(ids):
+            out = self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1, **kwargs)
+            return out.logits[0, -1]
+        key = (adapter, tuple(ids[:prefix_len]))
+        cached = self._prefix_cache.get(key)
+        if cached is None:
+            from transformers import DynamicCache
+
+            cached = DynamicCache(config=self._model.config)
+            self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
+                        logits_to_keep=1, **kwargs)
+            if len(self._prefix_cache) >= 16:
+                self._prefix_cache.pop(next(iter(self._prefix_cache)))
+            self._prefix_cache[key] = cached
+        cache = kv_batch.fork(cached, self._model.config)
+        rest = torch.tensor([ids[prefix_len:]])
+        positions = torch.arange(prefix_len, len(ids)).unsqueeze(0)
+        out = self._model(input_ids=rest, past_key_values=cache, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **kwargs)
+        return out.logits[0, -1]
 
     async def sequence_logprobs(
         self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
@@ -348,6 +380,7 @@ class EmbeddedEngine(Engine):
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
             **self._adapter_kwargs([r.adapter for r in new]),
         )
         tokens = self._sample(out.logits[:, -1, :], new)
@@ -372,6 +405,7 @@ class EmbeddedEngine(Engine):
             position_ids=positions,
             past_key_values=self._cache,
             use_cache=True,
+            logits_to_keep=1,
             **self._adapter_kwargs([r.adapter for r in self._running]),
         )
         self._cache = out.past_key_values

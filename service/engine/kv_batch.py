@@ -54,3 +54,13 @@ def select_rows(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tup
         layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
         layer.values = layer.values.index_select(0, index)[:, :, start:, :]
     return cache, mask
+
+
+def fork(cache: DynamicCache, config: object) -> DynamicCache:
+    """A new cache that starts from `cache`'s contents without copying them: DynamicLayer.update
+    concatenates into new tensors, so the shared prefix tensors are never written to."""
+    forked = DynamicCache(config=config)
+    for mine, theirs in zip(forked.layers, cache.layers, strict=True):
+        mine.lazy_initialization(theirs.keys, theirs.values)
+        mine.keys, mine.values = theirs.keys, theirs.values
+    return forked

@@ -43,11 +43,24 @@ class Router:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._name_tokens: dict[str, list[int]] = {}
+        self._prefix_len: int | None = None
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.engine.tokenizer.apply_chat_template(
             router_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
         )
+
+    def prefix_len(self) -> int:
+        """Tokens every router prompt starts with (template + system prompt), found once by
+        comparing the prompts of two different requests."""
+        if self._prefix_len is None:
+            a = self.prompt_ids([{"role": "user", "content": "a"}])
+            b = self.prompt_ids([{"role": "user", "content": "zzz qqq"}])
+            common = 0
+            while common < min(len(a), len(b)) and a[common] == b[common]:
+                common += 1
+            self._prefix_len = common
+        return self._prefix_len
 
     def name_tokens(self, name: str) -> list[int]:
         if name not in self._name_tokens:
@@ -58,7 +71,7 @@ class Router:
         token_lists = [self.name_tokens(c) for c in candidates]
         firsts = [tokens[0] for tokens in token_lists]
         if len(set(firsts)) == len(firsts):
-            return await self.engine.next_token_logprobs(prompt_ids, router, firsts)
+            return await self.engine.next_token_logprobs(prompt_ids, router, firsts, self.prefix_len())
         end = self.engine.tokenizer.eos_token_id
         continuations = [tokens + ([end] if end is not None else []) for tokens in token_lists]
         return await self.engine.sequence_logprobs(prompt_ids, router, continuations)
