@@ -18,7 +18,8 @@ import typer
 
 from service.settings import Settings
 
-app = typer.Typer(help="loramux: many LoRA experts behind one endpoint, routed by a LoRA.", no_args_is_help=True)
+app = typer.Typer(help="loramux: many LoRA experts behind one endpoint, routed by a LoRA.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 
 
 @app.callback()
@@ -74,6 +75,62 @@ serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]
 app.command("serve")(serve)
 
 
+router_app = typer.Typer(help="Router versions: promote a candidate, roll back, show status.", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+
+def _active_router_name(registry_path: Path | None, name: str | None) -> tuple[Any, str]:
+    from service.registry import Registry
+
+    registry = Registry(registry_path or Settings().registry)
+    snap = registry.load()
+    router = snap.router(name)
+    if router is None:
+        raise typer.BadParameter(f"no router {'named ' + repr(name) if name else 'is registered'}")
+    return registry, router.name
+
+
+@router_app.command("promote")
+def router_promote(
+    version: Annotated[int | None, typer.Option(help="version to activate (default: the newest candidate)")] = None,
+    name: Annotated[str | None, typer.Option(help="router name (default: the active router)")] = None,
+    registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
+) -> None:
+    """Atomically make a router version active; the running service switches between requests."""
+    reg, router_name = _active_router_name(registry, name)
+    entry = reg.load().entries[router_name]
+    if version is None:
+        candidates = [v.version for v in entry.versions if v.status == "candidate"]
+        if not candidates:
+            raise typer.BadParameter(f"router {router_name!r} has no candidate version")
+        version = max(candidates)
+    active = reg.activate(router_name, version)
+    typer.echo(f"router {router_name!r}: version {active.version} is active")
+
+
+@router_app.command("rollback")
+def router_rollback(
+    name: Annotated[str | None, typer.Option(help="router name (default: the active router)")] = None,
+    registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
+) -> None:
+    """Re-activate the router version before the active one."""
+    reg, router_name = _active_router_name(registry, name)
+    active = reg.activate(router_name, None)
+    typer.echo(f"router {router_name!r}: rolled back to version {active.version}")
+
+
+@router_app.command("status")
+def router_status(
+    registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
+) -> None:
+    """Routers, their versions, labels and which one is active."""
+    reg, router_name = _active_router_name(registry, None)
+    entry = reg.load().entries[router_name]
+    for v in entry.versions:
+        mark = "*" if v.version == entry.active_version else " "
+        typer.echo(f"{mark} {router_name}@{v.version} {v.status:<9} labels={','.join(v.labels)} path={v.path}")
+
+
 def build_cli() -> typer.Typer:
     try:
         from training.cli import register_commands
@@ -90,8 +147,14 @@ def build_cli() -> typer.Typer:
 
 
 def main() -> None:
+    from service.errors import LoramuxError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    build_cli()()
+    try:
+        build_cli()()
+    except LoramuxError as exc:  # a refusal the user can act on: say why, no traceback
+        typer.echo(f"error: {exc.message}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -67,3 +67,24 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path):
         reg.add_version(version(f"a{i}"))
     assert json.loads((tmp_path / "loras.json").read_text())["format"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loras.json", "loras.json.lock"]
+
+
+def test_router_promote_and_rollback_cli(tmp_path: Path):
+    import subprocess
+    import sys
+
+    file = tmp_path / "loras.json"
+    reg = Registry(file)
+    reg.add_version(version("router", kind="router", path="r1", labels=("a", "b")))
+    reg.add_version(version("router", kind="router", path="r2", labels=("a", "b", "c")), activate=False)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "router", *args, "--registry", str(file)],
+                              capture_output=True, text=True)
+
+    assert "* router@1 active" in cli("status").stdout
+    assert cli("promote").returncode == 0
+    assert reg.load().router().path == "r2"
+    assert cli("rollback").returncode == 0
+    assert reg.load().router().path == "r1"
+    assert cli("promote", "--version", "9").returncode != 0
