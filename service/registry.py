@@ -267,6 +267,22 @@ class Registry:
             self._write(RegistrySnapshot(entries, router))
             return replace(target, status="active")
 
+    def set_status(self, name: str, version: int, status: Status) -> AdapterVersion:
+        """Mark a non-active version (e.g. a candidate refused by the evaluation gate)."""
+        with self._lock:
+            snap = self.load()
+            entry = snap.entries.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
+            target = entry.get(version)
+            if version == entry.active_version:
+                raise ConflictError(f"{target.uid} is active; activate another version first", "version")
+            versions = tuple(replace(v, status=status) if v.version == version else v for v in entry.versions)
+            entries = dict(snap.entries)
+            entries[name] = AdapterEntry(name, entry.kind, entry.active_version, versions)
+            self._write(RegistrySnapshot(entries, snap.active_router))
+            return replace(target, status=status)
+
     def remove(self, name: str) -> None:
         with self._lock:
             snap = self.load()

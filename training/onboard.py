@@ -1,0 +1,188 @@
+"""Onboarding a new expert into the live service, behind an evaluation gate.
+
+`loramux onboard` registers the expert (training it first if asked), rebuilds the routing dataset
+from the datasets of every registered expert (the registry remembers each one's dataset and
+fingerprint), retrains the router (warm-started from the active router's weights when the label
+set only grows), evaluates candidate and active router on the same combined eval split, and
+registers the candidate. The gate promotes it only if its accuracy reaches the floor and no
+existing expert's recall drops by more than the margin; otherwise the candidate is refused and
+never serves. The running service picks the promoted router up between requests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from service.registration import register_adapter as service_register
+from service.registry import Registry
+from service.settings import Settings
+from training.chats import DatasetError, fingerprint_files, read_chats, write_jsonl
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    accuracy: float
+    floor: float
+    margin: float
+    recall_drops: dict[str, float] = field(default_factory=dict)
+
+
+def gate(candidate: dict[str, Any], active: dict[str, Any] | None, floor: float, margin: float) -> GateResult:
+    """Promote only if accuracy >= floor and no existing expert's recall drops by more than margin.
+    Reports are `loramux eval` router reports on the same eval split."""
+    reasons = []
+    accuracy = float(candidate["accuracy"])
+    if accuracy < floor:
+        reasons.append(f"accuracy {accuracy:.4f} is below the floor {floor:.4f}")
+    drops: dict[str, float] = {}
+    if active is not None:
+        for label, old in active.get("per_class", {}).items():
+            if label not in active.get("labels", []) or not old.get("support"):
+                continue
+            new = candidate.get("per_class", {}).get(label)
+            new_recall = float(new["recall"]) if new else 0.0
+            drop = float(old["recall"]) - new_recall
+            drops[label] = round(drop, 6)
+            if drop > margin:
+                reasons.append(f"recall of {label!r} drops by {drop:.4f} (from {old['recall']:.4f} to "
+                               f"{new_recall:.4f}), more than the margin {margin:.4f}")
+    return GateResult(not reasons, reasons, accuracy, floor, margin, drops)
+
+
+@dataclass
+class OnboardResult:
+    expert: str
+    expert_version: int
+    router: str
+    candidate_version: int
+    promoted: bool
+    gate: GateResult
+    routing_dataset: Path
+    report_path: Path
+    seconds: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["routing_dataset"] = str(self.routing_dataset)
+        data["report_path"] = str(self.report_path)
+        return data
+
+
+def expert_sources(settings: Settings, scratch: Path) -> dict[str, Path]:
+    """One JSONL of chats per registered task expert, from the dataset recorded at registration
+    (a file as is; a train/val/eval folder concatenated)."""
+    snapshot = Registry(settings.registry).load()
+    sources: dict[str, Path] = {}
+    for version in snapshot.active_versions("task"):
+        recorded = version.dataset.get("path")
+        if not recorded:
+            raise DatasetError(settings.registry, None,
+                               f"expert {version.name!r} has no recorded dataset; re-register it with one")
+        path = Path(recorded)
+        if not path.is_absolute():
+            path = settings.adapter_root / path
+        if path.is_dir():
+            rows = []
+            for split in ("train", "val", "eval"):
+                if (path / f"{split}.jsonl").is_file():
+                    rows.extend(r.to_json() for r in read_chats(path / f"{split}.jsonl", need_assistant=False))
+            path = scratch / f"{version.name}.jsonl"
+            write_jsonl(path, rows)
+        sources[version.name] = path
+    return sources
+
+
+def onboard(
+    name: str,
+    dataset: Path,
+    adapter: Path | None = None,
+    train: bool = False,
+    settings: Settings | None = None,
+    router_name: str | None = None,
+    floor: float = 0.9,
+    margin: float = 0.05,
+    promote: bool = True,
+    expert_options: dict[str, Any] | None = None,
+    router_options: dict[str, Any] | None = None,
+    eval_limit: int | None = None,
+) -> OnboardResult:
+    from training.evaluate import evaluate_router
+    from training.routing_dataset import build_routing_dataset
+    from training.train import TrainConfig, train_adapter
+
+    settings = settings or Settings()
+    registry = Registry(settings.registry)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    seconds: dict[str, float] = {}
+    dataset = Path(dataset).resolve()
+    read_chats(dataset) if dataset.is_file() else None  # garbage in: a clear error before any training
+    if (adapter is None) == (not train):
+        raise ValueError("give exactly one of --adapter DIR or --train")
+
+    started = time.perf_counter()
+    if train:
+        result = train_adapter(TrainConfig(kind="task", dataset=dataset, run_name=f"{name}-{stamp}",
+                                           **(expert_options or {})), settings)
+        adapter = result.final_dir
+    seconds["expert_train"] = time.perf_counter() - started
+    assert adapter is not None
+    fingerprint = fingerprint_files(sorted(dataset.glob("*.jsonl")) if dataset.is_dir() else [dataset])
+    expert = service_register(settings, _base(settings), "task", name, adapter,
+                              dataset={"path": str(dataset), "fingerprint": fingerprint})
+
+    snapshot = registry.load()
+    active = snapshot.router(router_name or settings.router)
+    router_name = active.name if active else (router_name or "router")
+    scratch = settings.adapter_root / "datasets" / f"onboard_{name}_{stamp}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    routing = build_routing_dataset(expert_sources(settings, scratch), scratch / "routing")
+    seconds["routing_dataset"] = time.perf_counter() - started
+
+    labels = sorted(expert_sources(settings, scratch))
+    options = dict(router_options or {})
+    if active is not None and set(active.labels) <= set(labels):
+        options.setdefault("init_adapter", settings.adapter_root / active.path)  # warm start: labels only grow
+    started = time.perf_counter()
+    trained = train_adapter(TrainConfig(kind="router", dataset=routing.out_dir, run_name=f"router-{stamp}",
+                                        **options), settings)
+    seconds["router_train"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    candidate_report = evaluate_router(trained.final_dir, routing.out_dir, settings, labels=labels,
+                                       limit=eval_limit).report
+    active_report = None
+    if active is not None:
+        old_labels = [label for label in active.labels if label in labels]
+        active_report = evaluate_router(settings.adapter_root / active.path, routing.out_dir, settings,
+                                        labels=old_labels, limit=eval_limit).report
+    seconds["evaluation"] = time.perf_counter() - started
+
+    verdict = gate(candidate_report, active_report, floor, margin)
+    candidate = service_register(settings, _base(settings), "router", router_name, trained.final_dir,
+                                 labels=tuple(labels), activate=False)
+    promoted = False
+    if verdict.passed and promote:
+        registry.activate(router_name, candidate.version)
+        promoted = True
+    elif not verdict.passed:
+        registry.set_status(router_name, candidate.version, "failed")
+    report_path = scratch / "onboard_report.json"
+    result = OnboardResult(name, expert.version, router_name, candidate.version, promoted, verdict,
+                           routing.out_dir, report_path, seconds)
+    report_path.write_text(json.dumps({**result.to_json(), "candidate_report": candidate_report,
+                                       "active_report": active_report}, indent=2, default=str))
+    return result
+
+
+def _base(settings: Settings):  # noqa: ANN202 - BaseModelInfo, imported lazily with the model code
+    from service.base_model import resolve_base_model
+
+    return resolve_base_model(settings.base_model, settings.cache_dir, settings.base_model_name)
