@@ -35,11 +35,11 @@ demo: setup
 	$(BIN)/loramux demo
 
 test: setup
-	$(BIN)/ruff check service training deploy loadtests tests
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check service training deploy loadtests tests
+	$(BIN)/ruff check .
 	$(BIN)/hadolint deploy/Dockerfile
 
 bench: setup

@@ -1,9 +1,343 @@
-"""Training subcommands of `loramux` (placeholder until the training package lands)."""
+"""Training subcommands of `loramux`: dataset, train, eval, register, adapters, demo.
+
+Each command is a thin shell over a plain function (`build_routing_dataset`, `train_adapter`,
+`evaluate_router`, `register_adapter`, `run_demo`, ...) so the Modal deployment and the tests call
+the same code. Expected failures (bad data, bad options, a refused adapter) become one-line
+errors with a non-zero exit code and no traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
 import typer
+
+try:  # typer >= 0.20 ships its own click
+    from typer._click.exceptions import UsageError as CliUsageError
+except ImportError:  # pragma: no cover - older typer on real click
+    from click import UsageError as CliUsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AdapterKind(StrEnum):
+    router = "router"
+    task = "task"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one plain `error: ...` line (exit code 2), like `loramux serve`.
+
+    Plain text rather than click's boxed panel, so long messages (file paths with line numbers)
+    are never wrapped or cut by the terminal width."""
+
+
+def _friendly_errors(fn: F) -> F:
+    """Turn the package's expected errors into one `error: ...` line, exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from service.errors import LoramuxError
+        from training.chats import DatasetError
+        from training.splits import SplitError
+        from training.train import TrainError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CliError, DatasetError, SplitError, TrainError, FileNotFoundError) as exc:
+            message = str(exc)
+        except LoramuxError as exc:
+            message = exc.message
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings() -> Any:
+    from service.settings import Settings
+
+    try:
+        return Settings()
+    except ValueError as exc:
+        raise CliError(f"settings: {exc}") from None
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+dataset_app = typer.Typer(help="Build datasets: routing data from per-adapter chats, demo expert data.",
+                          no_args_is_help=True)
+adapters_app = typer.Typer(help="Registry management: list, show, rollback, remove.", no_args_is_help=True)
+
+
+@dataset_app.command("build")
+@_friendly_errors
+def dataset_build(
+    source: Annotated[list[str], typer.Option(help="NAME=FILE.jsonl: chats adapter NAME should answer (repeat)")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default datasets/routing_<timestamp>)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the split and of balancing")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="share of each adapter's texts for validation")] = 0.1,
+    eval_fraction: Annotated[float, typer.Option(help="share of each adapter's texts for evaluation")] = 0.1,
+    balance: Annotated[str, typer.Option(help="train split balancing: upsample, cap or none")] = "upsample",
+    max_per_class: Annotated[int | None, typer.Option(help="at most this many texts per adapter")] = None,
+) -> None:
+    """Routing dataset (train/val/eval + card) from per-adapter chat files."""
+    from training.routing_dataset import build_routing_dataset, default_out_dir, parse_source_args
+
+    sources = parse_source_args(source)
+    out_dir = out or default_out_dir(Path.cwd())
+    fractions = (1.0 - val_fraction - eval_fraction, val_fraction, eval_fraction)
+    result = build_routing_dataset(sources, out_dir, fractions, seed, balance, max_per_class)
+    typer.echo(f"routing dataset written to {result.path}")
+    for split, counts in result.counts.items():
+        typer.echo(f"  {split:5s} " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    processing = result.card["processing"]
+    typer.echo(f"  dropped: {processing['duplicates dropped']} duplicates, {processing['ambiguous texts dropped']}")
+    typer.echo(f"  balance ({balance}): " + ", ".join(
+        f"{k} {v['before']}->{v['after']}" for k, v in processing["balance report"].items()))
+
+
+@dataset_app.command("experts")
+@_friendly_errors
+def dataset_experts(
+    out: Annotated[Path | None, typer.Option(help="output folder (default datasets/experts_<timestamp>)")] = None,
+    experts: Annotated[str, typer.Option(help="comma-separated experts")] = ",".join(
+        ("lights", "climate", "timer", "media", "lists", "calendar")),
+    per_expert: Annotated[int, typer.Option(help="records per expert")] = 400,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Expert datasets from home-assistant-intents (hassil) and the ctparse corpus."""
+    from training.routing_dataset import default_out_dir
+    from training.task_datasets import build_task_datasets
+
+    out_dir = out or default_out_dir(Path.cwd(), "experts")
+    names = [n.strip() for n in experts.split(",") if n.strip()]
+    try:
+        built = build_task_datasets(out_dir, names, per_expert, seed)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    typer.echo(f"expert datasets written to {out_dir}")
+    for name, data in built.items():
+        typer.echo(f"  {name:9s} {data.counts}  ({data.all_file})")
+
+
+def train_command(
+    kind: Annotated[AdapterKind, typer.Option(help="router or task")],
+    dataset: Annotated[Path, typer.Option(help="folder with train/val/eval.jsonl, or one chat JSONL file")],
+    run_name: Annotated[str, typer.Option(help="runs/<run-name>/ gets the checkpoints and final/")],
+    runs_dir: Annotated[Path | None, typer.Option(help="default: <adapter_root>/runs")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha")] = 32,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.05,
+    target_modules: Annotated[str, typer.Option(help="comma-separated module names")] = (
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    epochs: Annotated[float, typer.Option(help="epochs (ignored when --max-steps > 0)")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="optimizer steps; > 0 overrides --epochs")] = -1,
+    batch_size: Annotated[int, typer.Option(help="examples per device step")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    max_length: Annotated[int, typer.Option(help="longer examples are dropped (reported)")] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    save_steps: Annotated[int, typer.Option(help="checkpoint every N steps")] = 50,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint if any")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished run of the same name")] = False,
+    description: Annotated[str, typer.Option()] = "",
+) -> None:
+    """LoRA SFT (TRL SFTTrainer + peft); writes runs/NAME/final/ with loramux.json."""
+    from training.train import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        kind=kind.value,  # type: ignore[arg-type]
+        dataset=dataset,
+        run_name=run_name,
+        runs_dir=runs_dir,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=tuple(t.strip() for t in target_modules.split(",") if t.strip()),
+        learning_rate=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        save_steps=save_steps,
+        resume=resume,
+        overwrite=overwrite,
+        description=description,
+    )
+    result = train_adapter(config, _settings())
+    typer.echo(f"adapter written to {result.final_dir}")
+    typer.echo(f"  length filter: {result.length_report.summary()}")
+    typer.echo("  metrics: " + ", ".join(f"{k}={v}" for k, v in result.metadata["metrics"].items()))
+
+
+def eval_command(
+    kind: Annotated[AdapterKind, typer.Option(help="router or task")],
+    dataset: Annotated[Path, typer.Option(help="dataset folder (its eval split is used) or a chat JSONL")],
+    adapter: Annotated[Path | None, typer.Option(help="adapter folder (a run folder or its final/)")] = None,
+    name: Annotated[str | None, typer.Option(help="a registered adapter instead of --adapter")] = None,
+    split: Annotated[str, typer.Option(help="train, val or eval")] = "eval",
+    limit: Annotated[int | None, typer.Option(help="evaluate a seeded sample of this many examples")] = None,
+    labels: Annotated[str | None, typer.Option(help="router candidates, comma-separated (default: its labels)")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="report folder (default reports/eval_<name>_<timestamp>)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the JSON report instead of tables")] = False,
+) -> None:
+    """Router (accuracy, P/R/F1, confusion, invalid names, calibration) or expert evaluation."""
+    from training.evaluate import EngineSession, evaluate_expert_async, evaluate_router_async
+    from training.reports import report_text, write_report
+
+    kind_name = kind.value
+    settings = _settings()
+    candidates = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    path = _adapter_path(settings, adapter, name, kind_name)
+    if kind_name == "router" and name and candidates is None:
+        from service.registry import Registry
+
+        version = Registry(settings.registry).load().entries[name].active
+        candidates = list(version.labels) if version and version.labels else None
+
+    async def run() -> Any:
+        async with EngineSession(settings) as session:
+            if kind_name == "router":
+                return await evaluate_router_async(session, path, dataset, candidates, split, limit)
+            return await evaluate_expert_async(session, path, dataset, None, split, limit)
+
+    evaluation = asyncio.run(run())
+    tag = name or (path.parent.name if path.name == "final" else path.name)
+    out_dir = out or Path.cwd() / "reports" / f"eval_{tag}_{datetime.now():%Y%m%d_%H%M%S}"
+    paths = write_report(evaluation.report, out_dir)
+    if as_json:
+        _echo_json(evaluation.report)
+    else:
+        typer.echo(report_text(evaluation.report))
+        typer.echo("\nreport: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _adapter_path(settings: Any, adapter: Path | None, name: str | None, kind: str) -> Path:
+    if (adapter is None) == (name is None):
+        raise CliUsageError("give exactly one of --adapter PATH or --name NAME")
+    if adapter is not None:
+        return adapter.resolve()
+    from service.adapter_validation import resolve_inside_root
+    from service.registry import Registry
+
+    entry = Registry(settings.registry).load().entries.get(name or "")
+    if entry is None or entry.active is None:
+        raise CliError(f"adapter {name!r} is not registered (registry {settings.registry})")
+    if entry.kind != kind:
+        raise CliError(f"adapter {name!r} is a {entry.kind} adapter, not a {kind}")
+    return resolve_inside_root(entry.active.path, settings.adapter_root)
+
+
+def register_command(
+    kind: Annotated[AdapterKind, typer.Option(help="router or task")],
+    name: Annotated[str, typer.Option(help="adapter name (letters, digits, - and _)")],
+    path: Annotated[Path, typer.Option(help="adapter folder (inside the adapter root)")],
+    description: Annotated[str, typer.Option()] = "",
+    labels: Annotated[str | None, typer.Option(help="router only: adapters it routes to (default: its labels)")]
+    = None,
+    activate: Annotated[bool, typer.Option(help="make this version active")] = True,
+) -> None:
+    """Validate and atomically add a new adapter version to the registry."""
+    from training.register import RegistryContext, register_adapter
+
+    settings = _settings()
+    label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    version = register_adapter(kind.value, name, path, description, label_list, activate,  # type: ignore[arg-type]
+                               RegistryContext(settings))
+    typer.echo(f"registered {version.name} version {version.version} ({version.kind}, {version.status}) "
+               f"from {version.path} in {settings.registry}")
+    if version.labels:
+        typer.echo(f"  routes to: {', '.join(version.labels)}")
+
+
+@adapters_app.command("list")
+@_friendly_errors
+def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every registered adapter with its active version."""
+    from training.register import list_adapters
+
+    settings = _settings()
+    rows = list_adapters(settings)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no adapters registered in {settings.registry}")
+        return
+    for row in rows:
+        mark = "*" if row.get("active_router") else " "
+        extra = f" -> {', '.join(row['labels'])}" if row["labels"] else ""
+        typer.echo(f"{mark} {row['name']:12s} {row['kind']:6s} v{row['version']} of {row['versions']}  "
+                   f"r={row['rank']:<3d} {row['path']}{extra}")
+
+
+@adapters_app.command("show")
+@_friendly_errors
+def adapters_show(name: str) -> None:
+    """All versions of one adapter, with metrics and dataset."""
+    from training.register import show_adapter
+
+    _echo_json(show_adapter(name, _settings()))
+
+
+@adapters_app.command("rollback")
+@_friendly_errors
+def adapters_rollback(
+    name: str, version: Annotated[int | None, typer.Option(help="version to activate (default: previous)")] = None
+) -> None:
+    """Activate an earlier version (default: the one before the active version)."""
+    from training.register import rollback_adapter
+
+    active = rollback_adapter(name, version, _settings())
+    typer.echo(f"{name}: version {active.version} is active")
+
+
+@adapters_app.command("remove")
+@_friendly_errors
+def adapters_remove(name: str, yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
+    """Remove an adapter and all its versions from the registry (files stay on disk)."""
+    from training.register import remove_adapter
+
+    if not yes:
+        typer.confirm(f"remove {name} and all its versions from the registry?", abort=True)
+    remove_adapter(name, _settings())
+    typer.echo(f"removed {name}")
+
+
+def demo_command(
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing if the registry has adapters")]
+    = False,
+    quick: Annotated[bool, typer.Option(help="a few steps each: checks the pipeline, not the quality")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Demo datasets, experts and router trained on the CPU, evaluated, registered."""
+    from training.demo import DemoPlan, run_demo
+
+    plan = DemoPlan.quick(seed) if quick else DemoPlan(seed=seed)
+    run_demo(_settings(), plan, if_missing=if_missing, echo=typer.echo)
 
 
 def register_commands(app: typer.Typer) -> None:
     """Attach the training commands to the `loramux` CLI."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app.add_typer(dataset_app, name="dataset")
+    app.command("train")(_friendly_errors(train_command))
+    app.command("eval")(_friendly_errors(eval_command))
+    app.command("register")(_friendly_errors(register_command))
+    app.add_typer(adapters_app, name="adapters")
+    app.command("demo")(_friendly_errors(demo_command))

@@ -1,0 +1,41 @@
+"""The demo's wiring: skipped when adapters exist, and a quick end-to-end run into a temp registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.base_model import BaseModelInfo
+from service.registry import Registry
+from service.settings import PROJECT_ROOT, Settings
+from training.demo import DemoPlan, run_demo
+
+
+def test_if_missing_does_nothing_when_the_registry_has_adapters(tmp_path: Path) -> None:
+    registry = tmp_path / "loras.json"
+    registry.write_text(json.dumps({"someone": "adapters/someone"}))
+    lines: list[str] = []
+    result = run_demo(Settings(adapter_root=tmp_path, registry=registry), if_missing=True, echo=lines.append)
+    assert result.skipped and "skipped" in lines[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "datasets").exists()
+
+
+@pytest.mark.slow
+def test_quick_demo_trains_evaluates_and_registers(tmp_path: Path, base_model: BaseModelInfo) -> None:
+    settings = Settings(adapter_root=tmp_path, registry=tmp_path / "config" / "loras.json",
+                        cache_dir=PROJECT_ROOT / ".cache")
+    plan = DemoPlan.quick()
+    lines: list[str] = []
+    result = run_demo(settings, plan, echo=lines.append, base=base_model)
+    snapshot = Registry(settings.registry).load()
+    assert snapshot.active_router == "router"
+    assert snapshot.entries["router"].active.labels == tuple(sorted(plan.experts))
+    for name in plan.experts:
+        version = snapshot.entries[name].active
+        assert version.kind == "task" and version.path.startswith("runs/")
+        assert "eval" in version.metrics  # evaluation results travel into the registry
+    assert result.report_dir is not None and (result.report_dir / "router" / "confusion.png").is_file()
+    assert 0.0 <= result.summary["router"]["accuracy"] <= 1.0
+    assert any("demo finished" in line for line in lines)

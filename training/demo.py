@@ -1,0 +1,215 @@
+"""`loramux demo`: from public data to registered, evaluated adapters on a 2-core CPU.
+
+Builds the expert datasets (home-assistant-intents + ctparse), the routing dataset from the same
+files, trains each expert and the router (few hundred steps in total: the plan below is sized for
+about a quarter of an hour on 2 cores), evaluates them through the serving engine on their
+held-out eval splits, records the results in each adapter's `loramux.json`, registers everything
+and prints a short report. Experts are registered before the router, so a running service never
+sees a router whose candidates are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from service.base_model import BaseModelInfo, resolve_base_model
+from service.registry import Registry
+from service.settings import Settings
+from training.chats import write_json
+from training.evaluate import EngineSession, evaluate_expert_async, evaluate_router_async
+from training.metadata import update_metrics
+from training.register import RegistryContext, register_adapter
+from training.reports import pct, write_report
+from training.routing_dataset import build_routing_dataset
+from training.task_datasets import DEMO_EXPERTS, build_task_datasets
+from training.train import TrainConfig, train_adapter
+
+ROUTER_NAME = "router"
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of the demo; the defaults are what the 20-minute CPU budget allows."""
+
+    experts: tuple[str, ...] = DEMO_EXPERTS
+    per_expert: int = 400
+    seed: int = 0
+    expert: TrainConfig = field(default_factory=lambda: TrainConfig(
+        kind="task", dataset=Path(), run_name="", max_steps=40, batch_size=8, learning_rate=2e-3, dropout=0.0,
+        save_steps=20, progress=False, eval_examples=0))
+    router: TrainConfig = field(default_factory=lambda: TrainConfig(
+        kind="router", dataset=Path(), run_name="", max_steps=80, batch_size=16, learning_rate=1e-3, dropout=0.0,
+        save_steps=40, progress=False, eval_examples=0))
+    expert_eval_limit: int | None = 60
+    router_eval_limit: int | None = None
+    expert_max_tokens: int = 160
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoPlan:
+        """A few steps each: exercises every stage in a couple of minutes (tests, smoke runs)."""
+        base = cls()
+        return cls(
+            experts=("lights", "timer", "calendar"),
+            per_expert=30,
+            seed=seed,
+            expert=replace(base.expert, max_steps=2, batch_size=4, save_steps=1000),
+            router=replace(base.router, max_steps=2, batch_size=4, save_steps=1000),
+            expert_eval_limit=4,
+            router_eval_limit=6,
+            expert_max_tokens=24,
+        )
+
+
+@dataclass
+class DemoResult:
+    skipped: bool
+    seconds: float = 0.0
+    report_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def check_first_tokens(names: list[str], base: BaseModelInfo) -> list[str]:
+    """Names whose first token is shared with another name (the router then scores whole names)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    firsts: dict[int, list[str]] = {}
+    for name in names:
+        firsts.setdefault(tokenizer.encode(name, add_special_tokens=False)[0], []).append(name)
+    return sorted(n for group in firsts.values() if len(group) > 1 for n in group)
+
+
+def run_demo(
+    settings: Settings | None = None,
+    plan: DemoPlan | None = None,
+    if_missing: bool = False,
+    echo: Callable[[str], Any] = print,
+    base: BaseModelInfo | None = None,
+) -> DemoResult:
+    settings = settings or Settings()
+    plan = plan or DemoPlan()
+    registry = Registry(settings.registry)
+    if if_missing and registry.load().entries:
+        echo(f"registry {settings.registry} already has adapters; demo skipped")
+        return DemoResult(skipped=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    base = base or resolve_base_model(settings.base_model, settings.cache_dir, settings.base_model_name)
+    stamp = f"{datetime.now():%Y%m%d_%H%M%S}"
+    root = settings.adapter_root
+    data_root = root / "datasets" / f"demo_{stamp}"
+    shared = check_first_tokens(list(plan.experts), base)
+    if shared:
+        echo(f"note: {', '.join(shared)} share a first token; routing scores their full names")
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        return now
+
+    echo(f"[demo] datasets -> {data_root}")
+    t = time.perf_counter()
+    tasks = build_task_datasets(data_root / "experts", plan.experts, plan.per_expert, plan.seed)
+    routing = build_routing_dataset({n: d.all_file for n, d in tasks.items()}, data_root / "routing", seed=plan.seed)
+    t = lap("datasets", t)
+
+    finals: dict[str, Path] = {}
+    for name, data in tasks.items():
+        echo(f"[demo] training expert {name} ({plan.expert.max_steps} steps)")
+        config = replace(plan.expert, dataset=data.path, run_name=f"demo_{stamp}_{name}", seed=plan.seed,
+                         description=f"demo expert: {name}")
+        result = train_adapter(config, settings, base)
+        finals[name] = result.final_dir
+        t = lap(f"train {name}", t)
+    echo(f"[demo] training router over {', '.join(routing.labels)} ({plan.router.max_steps} steps)")
+    config = replace(plan.router, dataset=routing.path, run_name=f"demo_{stamp}_{ROUTER_NAME}", seed=plan.seed,
+                     description="demo router")
+    finals[ROUTER_NAME] = train_adapter(config, settings, base).final_dir
+    t = lap("train router", t)
+
+    echo("[demo] evaluating through the serving engine")
+    report_dir = root / "reports" / f"demo_{stamp}"
+    evaluations = asyncio.run(_evaluate(settings, base, plan, finals, tasks, routing.path))
+    for name, report in evaluations.items():
+        write_report(report, report_dir / name)
+        update_metrics(finals[name], "eval", _headline(report))
+    t = lap("evaluate", t)
+
+    echo(f"[demo] registering in {settings.registry}")
+    context = RegistryContext(settings, base)
+    versions = {}
+    for name in tasks:
+        versions[name] = register_adapter("task", name, finals[name], f"demo expert: {name}", context=context)
+    versions[ROUTER_NAME] = register_adapter("router", ROUTER_NAME, finals[ROUTER_NAME], "demo router",
+                                             labels=list(routing.labels), context=context)
+    lap("register", t)
+
+    seconds = time.perf_counter() - started
+    summary = {
+        "seconds": round(seconds, 1),
+        "timings": timings,
+        "datasets": str(data_root),
+        "adapters": {n: {"path": str(finals[n]), "version": v.version} for n, v in versions.items()},
+        "router": _headline(evaluations[ROUTER_NAME]),
+        "experts": {n: _headline(evaluations[n]) for n in tasks},
+        "plan": {"experts": list(plan.experts), "per_expert": plan.per_expert,
+                 "expert_steps": plan.expert.max_steps, "router_steps": plan.router.max_steps},
+    }
+    write_json(report_dir / "summary.json", summary)
+    for line in summary_lines(summary, report_dir):
+        echo(line)
+    return DemoResult(False, seconds, report_dir, summary)
+
+
+async def _evaluate(settings: Settings, base: BaseModelInfo, plan: DemoPlan, finals: dict[str, Path],
+                    tasks: dict[str, Any], routing_path: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    async with EngineSession(settings, base) as session:
+        router = await evaluate_router_async(session, finals[ROUTER_NAME], routing_path,
+                                             limit=plan.router_eval_limit)
+        out[ROUTER_NAME] = router.report
+        for name, data in tasks.items():
+            expert = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
+                                                 max_tokens=plan.expert_max_tokens)
+            out[name] = expert.report
+    return out
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    if report["kind"] == "router":
+        return {
+            "examples": report["examples"],
+            "accuracy": round(report["accuracy"], 4),
+            "macro_f1": round(report["macro_f1"], 4),
+            "invalid_name_rate": report["invalid_name_rate"],
+            "free_generation_invalid_name_rate": report["free_generation"]["invalid_name_rate"],
+            "ece": round(report["calibration"]["ece"], 4),
+            "brier": round(report["calibration"]["brier"], 4),
+        }
+    return {
+        "examples": report["examples"],
+        "exact_match": round(report["exact_match"], 4),
+        "valid_tool_call_rate": round(report["valid_tool_call_rate"], 4),
+    }
+
+
+def summary_lines(summary: dict[str, Any], report_dir: Path) -> list[str]:
+    router = summary["router"]
+    lines = [
+        "",
+        f"demo finished in {summary['seconds'] / 60:.1f} min  (reports: {report_dir})",
+        f"  router   accuracy {pct(router['accuracy'])} on {router['examples']} held-out examples, "
+        f"invalid names {pct(router['invalid_name_rate'])} (free generation "
+        f"{pct(router['free_generation_invalid_name_rate'])}), ECE {router['ece']:.3f}",
+    ]
+    for name, expert in summary["experts"].items():
+        lines.append(f"  {name:8s} valid tool calls {pct(expert['valid_tool_call_rate'])}, "
+                     f"exact match {pct(expert['exact_match'])} on {expert['examples']} examples")
+    lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()))
+    return lines
