@@ -1,0 +1,1 @@
+"""Deployment: the Modal app (`modal_app.py`) and the container image (`Dockerfile`)."""
