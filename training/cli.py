@@ -332,6 +332,41 @@ def demo_command(
     run_demo(_settings(), plan, if_missing=if_missing, echo=typer.echo)
 
 
+def onboard_command(
+    name: Annotated[str, typer.Option(help="the new expert's name")],
+    dataset: Annotated[Path, typer.Option(help="the expert's chats (JSONL file or train/val/eval folder)")],
+    adapter: Annotated[Path | None, typer.Option(help="an already trained adapter folder")] = None,
+    train: Annotated[bool, typer.Option("--train", help="train the expert from --dataset first")] = False,
+    router: Annotated[str | None, typer.Option(help="router to retrain (default: the active router)")] = None,
+    floor: Annotated[float | None, typer.Option(help="gate: minimum accuracy (default LORAMUX_GATE_MIN_ACCURACY)")]
+    = None,
+    margin: Annotated[float | None, typer.Option(
+        help="gate: most an expert's recall may drop (default LORAMUX_GATE_MAX_RECALL_DROP)")] = None,
+    promote: Annotated[bool, typer.Option(help="activate the candidate when it passes the gate")] = True,
+    router_steps: Annotated[int, typer.Option(help="router training steps")] = 80,
+    expert_steps: Annotated[int, typer.Option(help="expert training steps (with --train)")] = 40,
+    eval_limit: Annotated[int | None, typer.Option(help="evaluate on a seeded sample of this many examples")]
+    = None,
+) -> None:
+    """Add an expert to the live service: register it, retrain the router, gate it, promote it."""
+    from training.onboard import onboard
+
+    result = onboard(name, dataset, adapter, train, _settings(), router_name=router, floor=floor, margin=margin,
+                     promote=promote, eval_limit=eval_limit,
+                     expert_options={"max_steps": expert_steps, "batch_size": 8, "progress": False},
+                     router_options={"max_steps": router_steps, "batch_size": 16, "progress": False})
+    typer.echo(f"expert {result.expert} version {result.expert_version} registered")
+    verdict = "promoted" if result.promoted else ("passed the gate (candidate)" if result.gate.passed
+                                                  else "refused by the gate")
+    typer.echo(f"router {result.router} version {result.candidate_version}: {verdict}; "
+               f"accuracy {result.gate.accuracy:.4f} (floor {result.gate.floor:.4f})")
+    for reason in result.gate.reasons:
+        typer.echo(f"  - {reason}")
+    typer.echo(f"report: {result.report_path}")
+    if not result.gate.passed:
+        raise typer.Exit(3)
+
+
 def register_commands(app: typer.Typer) -> None:
     """Attach the training commands to the `loramux` CLI."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -341,3 +376,4 @@ def register_commands(app: typer.Typer) -> None:
     app.command("register")(_friendly_errors(register_command))
     app.add_typer(adapters_app, name="adapters")
     app.command("demo")(_friendly_errors(demo_command))
+    app.command("onboard")(_friendly_errors(onboard_command))

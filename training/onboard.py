@@ -106,25 +106,27 @@ def onboard(
     train: bool = False,
     settings: Settings | None = None,
     router_name: str | None = None,
-    floor: float = 0.9,
-    margin: float = 0.05,
+    floor: float | None = None,
+    margin: float | None = None,
     promote: bool = True,
     expert_options: dict[str, Any] | None = None,
     router_options: dict[str, Any] | None = None,
     eval_limit: int | None = None,
 ) -> OnboardResult:
-    from training.evaluate import evaluate_router
     from training.routing_dataset import build_routing_dataset
     from training.train import TrainConfig, train_adapter
 
     settings = settings or Settings()
+    floor = settings.gate_min_accuracy if floor is None else floor
+    margin = settings.gate_max_recall_drop if margin is None else margin
     registry = Registry(settings.registry)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     seconds: dict[str, float] = {}
     dataset = Path(dataset).resolve()
-    read_chats(dataset) if dataset.is_file() else None  # garbage in: a clear error before any training
+    if dataset.is_file():
+        read_chats(dataset)  # garbage in: a clear error naming file and line, before any training
     if (adapter is None) == (not train):
-        raise ValueError("give exactly one of --adapter DIR or --train")
+        raise DatasetError(dataset, None, "give exactly one of --adapter DIR or --train")
 
     started = time.perf_counter()
     if train:
@@ -143,43 +145,67 @@ def onboard(
     scratch = settings.adapter_root / "datasets" / f"onboard_{name}_{stamp}"
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    routing = build_routing_dataset(expert_sources(settings, scratch), scratch / "routing")
+    sources = expert_sources(settings, scratch)
+    routing = build_routing_dataset(sources, scratch / "routing")
     seconds["routing_dataset"] = time.perf_counter() - started
 
-    labels = sorted(expert_sources(settings, scratch))
+    labels = sorted(sources)
     options = dict(router_options or {})
     if active is not None and set(active.labels) <= set(labels):
         options.setdefault("init_adapter", settings.adapter_root / active.path)  # warm start: labels only grow
     started = time.perf_counter()
-    trained = train_adapter(TrainConfig(kind="router", dataset=routing.out_dir, run_name=f"router-{stamp}",
+    trained = train_adapter(TrainConfig(kind="router", dataset=routing.path, run_name=f"router-{stamp}",
                                         **options), settings)
     seconds["router_train"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    candidate_report = evaluate_router(trained.final_dir, routing.out_dir, settings, labels=labels,
+    review = review_candidate(settings, router_name, trained.final_dir, routing.path, labels, floor, margin,
+                              promote, eval_limit)
+    seconds["evaluation"] = time.perf_counter() - started
+    report_path = scratch / "onboard_report.json"
+    result = OnboardResult(name, expert.version, router_name, review.version, review.promoted, review.gate,
+                           routing.path, report_path, seconds)
+    report_path.write_text(json.dumps({**result.to_json(), "candidate_report": review.candidate_report,
+                                       "active_report": review.active_report}, indent=2, default=str))
+    return result
+
+
+@dataclass
+class Review:
+    version: int
+    promoted: bool
+    gate: GateResult
+    candidate_report: dict[str, Any]
+    active_report: dict[str, Any] | None
+
+
+def review_candidate(settings: Settings, router_name: str, candidate_dir: Path, routing_dataset: Path,
+                     labels: list[str], floor: float, margin: float, promote: bool = True,
+                     eval_limit: int | None = None) -> Review:
+    """Evaluate a trained router beside the active one on the same eval split, register it as a
+    candidate version, and promote it only if it passes the gate; a refused candidate is marked
+    failed, so it can neither serve nor be shadowed."""
+    from training.evaluate import evaluate_router
+
+    active = Registry(settings.registry).load().router(router_name)
+    candidate_report = evaluate_router(candidate_dir, routing_dataset, settings, labels=labels,
                                        limit=eval_limit).report
     active_report = None
     if active is not None:
         old_labels = [label for label in active.labels if label in labels]
-        active_report = evaluate_router(settings.adapter_root / active.path, routing.out_dir, settings,
+        active_report = evaluate_router(settings.adapter_root / active.path, routing_dataset, settings,
                                         labels=old_labels, limit=eval_limit).report
-    seconds["evaluation"] = time.perf_counter() - started
-
     verdict = gate(candidate_report, active_report, floor, margin)
-    candidate = service_register(settings, _base(settings), "router", router_name, trained.final_dir,
+    registry = Registry(settings.registry)
+    candidate = service_register(settings, _base(settings), "router", router_name, candidate_dir,
                                  labels=tuple(labels), activate=False)
     promoted = False
-    if verdict.passed and promote:
+    if not verdict.passed:
+        registry.set_status(router_name, candidate.version, "failed")
+    elif promote:
         registry.activate(router_name, candidate.version)
         promoted = True
-    elif not verdict.passed:
-        registry.set_status(router_name, candidate.version, "failed")
-    report_path = scratch / "onboard_report.json"
-    result = OnboardResult(name, expert.version, router_name, candidate.version, promoted, verdict,
-                           routing.out_dir, report_path, seconds)
-    report_path.write_text(json.dumps({**result.to_json(), "candidate_report": candidate_report,
-                                       "active_report": active_report}, indent=2, default=str))
-    return result
+    return Review(candidate.version, promoted, verdict, candidate_report, active_report)
 
 
 def _base(settings: Settings):  # noqa: ANN202 - BaseModelInfo, imported lazily with the model code

@@ -61,6 +61,7 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     description: str = ""
+    init_adapter: Path | None = None  # warm start from these LoRA weights (its rank and targets win)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def training_json(self) -> dict[str, Any]:
@@ -68,6 +69,7 @@ class TrainConfig:
         data["dataset"] = str(self.dataset)
         data["runs_dir"] = str(self.runs_dir) if self.runs_dir else None
         data["target_modules"] = list(self.target_modules)
+        data["init_adapter"] = str(self.init_adapter) if self.init_adapter else None
         for key in ("resume", "overwrite", "progress", "extra"):
             data.pop(key)
         return data
@@ -193,7 +195,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         target_modules=list(config.target_modules),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora) if config.init_adapter is None else _warm_start(model, config.init_adapter)
 
     args = SFTConfig(
         output_dir=str(run_dir),
@@ -271,6 +273,16 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     write_metadata(tmp_final, metadata)
     tmp_final.rename(final_dir)
     return TrainResult(run_dir, final_dir, metadata, seconds, report)
+
+
+def _warm_start(model: Any, folder: Path) -> Any:
+    """Continue from an existing adapter's weights (onboarding: the router's label set only grew, so
+    what it knows about the old experts is kept and only the new one has to be learnt)."""
+    from peft import PeftModel
+
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise TrainError(f"{folder} has no adapter_model.safetensors to start from")
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)  # safetensors: checked above
 
 
 def _set_base_model_name(folder: Path, name: str) -> None:
