@@ -203,6 +203,9 @@ class Registry:
     def _write(self, snapshot: RegistrySnapshot) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(dump_registry(snapshot), indent=2, sort_keys=False) + "\n"
+        for stale in self.path.parent.glob(self.path.name + ".*.tmp"):
+            # left by a writer killed mid-write: every writer holds the lock, so no live one owns it
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as handle:
@@ -252,11 +255,15 @@ class Registry:
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
             if version is None:
-                older = [v.version for v in entry.versions if entry.active_version and v.version < entry.active_version]
+                older = [v.version for v in entry.versions
+                         if entry.active_version and v.version < entry.active_version and v.status == "retired"]
                 if not older:
                     raise ConflictError(f"adapter {name!r} has no earlier version to roll back to", "version")
                 version = max(older)
             target = entry.get(version)
+            if target.status == "failed":  # e.g. refused by the onboarding gate: it must never serve
+                raise ConflictError(f"{target.uid} is marked failed and cannot be activated; register it again",
+                                    "version")
             versions = tuple(
                 replace(v, status="active") if v.version == version else (_retire(v) if v.status == "active" else v)
                 for v in entry.versions
@@ -282,6 +289,32 @@ class Registry:
             entries[name] = AdapterEntry(name, entry.kind, entry.active_version, versions)
             self._write(RegistrySnapshot(entries, snap.active_router))
             return replace(target, status=status)
+
+    def withdraw(self, name: str, version: int) -> None:
+        """Take back a version that was registered but would not load: it is marked failed and the
+        version it replaced is active again (a first version is removed), in one locked write."""
+        with self._lock:
+            snap = self.load()
+            entry = snap.entries.get(name)
+            if entry is None or all(v.version != version for v in entry.versions):
+                return
+            entries = dict(snap.entries)
+            router = snap.active_router
+            if len(entry.versions) == 1:
+                del entries[name]
+                router = None if router == name else router
+            else:
+                active = entry.active_version
+                if active == version:
+                    older = [v.version for v in entry.versions if v.version < version and v.status == "retired"]
+                    active = max(older) if older else None
+                versions = tuple(
+                    replace(v, status="failed") if v.version == version
+                    else (replace(v, status="active") if v.version == active else v)
+                    for v in entry.versions
+                )
+                entries[name] = AdapterEntry(name, entry.kind, active, versions)
+            self._write(RegistrySnapshot(entries, router))
 
     def remove(self, name: str) -> None:
         with self._lock:

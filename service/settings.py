@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_stop: int = Field(8, ge=0, description="most stop strings per request")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
+    max_prefill_tokens: int = Field(512, ge=1, description="hf engine: prompt tokens prefilled in one step")
     max_queue: int = Field(64, ge=1, description="requests waiting or running before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline")
     shutdown_grace_s: float = Field(30.0, ge=0)
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     route_threshold: float = Field(0.0, ge=0.0, le=1.0, description="below this confidence, fall back")
     fallback: str = Field("base", description="'base' (no adapter) or a task adapter name")
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadow-routed")
+    gate_min_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="onboarding: candidate router accuracy floor")
+    gate_max_recall_drop: float = Field(0.05, ge=0.0, le=1.0,
+                                        description="onboarding: most an existing expert's recall may drop")
 
     # vLLM engine
     max_loras: int = Field(4, ge=1, description="vLLM: adapters in one batch")
