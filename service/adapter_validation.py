@@ -41,7 +41,12 @@ def resolve_inside_root(path: str | Path, adapter_root: Path) -> Path:
         raise AdapterValidationError(f"adapter path {str(path)!r} contains '..'", param="path")
     root = adapter_root.resolve()
     candidate = raw if raw.is_absolute() else root / raw
-    resolved = candidate.resolve()
+    try:
+        resolved = candidate.resolve()
+        # probe it here: a NUL byte or an over-long name fails in every later filesystem call
+        resolved.exists()
+    except (OSError, ValueError) as exc:
+        raise AdapterValidationError(f"adapter path {str(path)!r} is not a usable path: {exc}", param="path") from exc
     if not resolved.is_relative_to(root):
         raise AdapterValidationError(
             f"adapter path {str(path)!r} resolves outside the adapter root {root}", param="path"

@@ -157,7 +157,8 @@ class AdapterManager:
             self._signature = signature
             wanted = {v.uid: v for v in self.wanted_versions(snapshot)}
             for uid, version in wanted.items():
-                self._retiring.discard(uid)
+                if uid not in self.failed:  # a failed version still in use stays due for unloading
+                    self._retiring.discard(uid)
                 if uid not in self.loaded and uid not in self.failed:
                     await self._load(version)
             # publish the new view only once its adapters are resident: requests never see a gap
@@ -210,6 +211,11 @@ class AdapterManager:
     async def _check_files(self) -> None:
         """An adapter deleted from disk while registered is marked failed instead of half-served."""
         for uid, resolved in list(self.loaded.items()):
-            if not (resolved.ref.path / "adapter_model.safetensors").is_file():
-                self.failed[uid] = "adapter files were deleted from disk"
+            if uid in self.failed or (resolved.ref.path / "adapter_model.safetensors").is_file():
+                continue
+            self.failed[uid] = "adapter files were deleted from disk"
+            # new requests get the 422 at once; those already generating finish with the weights in
+            # memory (unloading under them would abort their rows), and `use` unloads after the last
+            self._retiring.add(uid)
+            if self._inflight.get(uid, 0) == 0:
                 await self._unload(uid)

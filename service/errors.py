@@ -77,6 +77,14 @@ class DeadlineExceededError(LoramuxError):
     error_type = "timeout_error"
 
 
+class ClientDisconnectedError(LoramuxError):
+    """The client went away before the answer was ready (nginx's 499): the work is cancelled and
+    its slot freed; the response goes nowhere, but the error is counted instead of logged as a crash."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+
+
 class EngineError(LoramuxError):
     status_code = 500
     error_type = "engine_error"

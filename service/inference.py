@@ -20,6 +20,7 @@ from service.engine.base import SamplingParams, TokenDelta
 from service.errors import (
     AdapterNotFoundError,
     BadRequestError,
+    ClientDisconnectedError,
     DeadlineExceededError,
     LoramuxError,
     ServiceUnavailableError,
@@ -109,7 +110,8 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     manager = state.adapters
     router = manager.resolve_router()
     if router is None:
-        raise ServiceUnavailableError("no router is registered; name an adapter explicitly", param=param)
+        # like an unknown model: the client can fix it by naming an adapter (a 5xx would say retry)
+        raise AdapterNotFoundError("no router is registered; name an adapter explicitly", param=param)
     candidates = manager.routable(router.version.labels)
     if not candidates:
         raise ServiceUnavailableError("none of the router's adapters is registered and loaded")
@@ -238,6 +240,6 @@ async def cancel_on_disconnect(request: Request, work: Any) -> Any:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientDisconnectedError("client disconnected")
     finally:
         watcher.cancel()

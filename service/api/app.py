@@ -19,6 +19,7 @@ from service.api.exceptions import install_exception_handlers
 from service.api.generate.router import router as generate_router
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware
 from service.api.openai.router import router as openai_router
+from service.api.responses import ERROR_RESPONSES
 from service.api.route.router import router as route_router
 from service.base_model import resolve_base_model
 from service.engine import create_engine
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         version="0.1.0",
         description="Many LoRA experts behind one endpoint; a router LoRA picks the expert for each request.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     install_exception_handlers(app)
     for router in (health.router, route_router, generate_router, openai_router, admin_router):

@@ -53,6 +53,10 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, LoramuxError):
+            # FastAPI turns any error raised while reading the body into a 400 "error parsing the
+            # body"; one of ours (the body limit counting a chunked body) keeps its own status (413)
+            return await loramux_error(request, exc.__cause__)
         error_type = HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         _count(request, error_type)
         return JSONResponse(

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
-from starlette.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from service.api.deps import State
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="The process is alive")
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "draining"]
+    engine: str
+    base_model: str
+    adapters_loaded: int
+    adapters_failed: int
+
+
+@router.get("/health", summary="The process is alive", response_model=HealthResponse)
 async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Model and adapters loaded, not shutting down")
+@router.get(
+    "/ready",
+    summary="Model and adapters loaded, not shutting down",
+    response_model=ReadyResponse,
+    # a load balancer reads the status code; the body says why (loading or draining)
+    responses={503: {"model": ReadyResponse, "description": "Loading, or draining after SIGTERM"}},
+)
 async def ready(state: State) -> Response:
     body = {
         "status": "ready" if state.ready and not state.draining else ("draining" if state.draining else "loading"),
@@ -27,7 +48,7 @@ async def ready(state: State) -> Response:
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> Response:
     payload = state.metrics.render(
         state.engine.stats, state.admission.inflight, len(state.adapters.loaded), len(state.adapters.failed)

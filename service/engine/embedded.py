@@ -33,6 +33,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# below this temperature sampling is greedy (as in vLLM): 1/T overflows the logits long before T reaches 0
+SAMPLING_EPS = 1e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -68,6 +70,7 @@ class EmbeddedEngine(Engine):
         self._adapters: dict[str, AdapterRef] = {}
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._held: _Request | None = None  # taken from _waiting, over the last step's prefill budget
         self._requests: dict[str, _Request] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -116,7 +119,7 @@ class EmbeddedEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "waiting": self._waiting.qsize(),
+            "waiting": self._waiting.qsize() + (self._held is not None),
             "running": len(self._running),
             "batch_size": self.batch_size,
             "adapters_loaded": len(self._adapters),
@@ -152,8 +155,9 @@ class EmbeddedEngine(Engine):
         if name not in self._adapters:
             return
         for req in self._running:
-            if req.adapter == name:
+            if req.adapter == name and not req.aborted:
                 req.aborted = True
+                req.emit(EngineError(f"adapter {adapter.key} was removed while generating"))  # never a hang
         self._retire_finished()
         if len(self._adapters) == 1:
             # peft keeps at least one adapter; unwrap back to the bare model instead
@@ -325,7 +329,8 @@ class EmbeddedEngine(Engine):
             req.emit(ServiceUnavailableError("engine stopped"))
 
     def _drain_waiting(self) -> list[_Request]:
-        out = []
+        out = [self._held] if self._held is not None else []
+        self._held = None
         while True:
             try:
                 out.append(self._waiting.get_nowait())
@@ -345,24 +350,47 @@ class EmbeddedEngine(Engine):
             except BaseException as exc:
                 future.set_exception(exc)
 
+    def _next_waiting(self) -> _Request | None:
+        if self._held is not None:
+            req, self._held = self._held, None
+            return req
+        try:
+            return self._waiting.get_nowait()
+        except queue.Empty:
+            return None
+
     def _admit(self) -> bool:
+        """Move waiting requests into the batch, at most `max_prefill_tokens` prompt tokens per step:
+        one prefill of a whole burst would stall every running row (and the aborts of clients that
+        gave up) for seconds on a CPU; the rest join between the next decode steps."""
         room = self.settings.max_batch_size - len(self._running)
+        budget = self.settings.max_prefill_tokens
         new: list[_Request] = []
         while room > 0:
-            try:
-                req = self._waiting.get_nowait()
-            except queue.Empty:
+            req = self._next_waiting()
+            if req is None:
                 break
             if req.aborted:
                 continue
             if req.adapter != BASE and req.adapter not in self._adapters:
                 req.emit(EngineError(f"adapter {req.adapter} was removed"))
                 continue
+            if new and len(req.prompt_ids) > budget:
+                self._held = req
+                break
             new.append(req)
+            budget -= len(req.prompt_ids)
             room -= 1
         if not new:
             return False
-        self._prefill(new)
+        try:
+            self._prefill(new)
+        except BaseException as exc:
+            # rows that never joined the batch would otherwise wait for a token forever
+            for req in new:
+                if req not in self._running:
+                    req.emit(EngineError(f"generation failed: {exc}"))
+            raise
         return True
 
     def _prefill(self, new: list[_Request]) -> None:
@@ -421,7 +449,7 @@ class EmbeddedEngine(Engine):
         tokens = []
         for row, req in enumerate(reqs):
             p = req.params
-            if p.temperature <= 0:
+            if p.temperature < SAMPLING_EPS:
                 tokens.append(int(greedy[row]))
                 continue
             probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
@@ -430,6 +458,10 @@ class EmbeddedEngine(Engine):
                 keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
                 sorted_probs = sorted_probs * keep
                 probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                # one row's extreme settings must not fail the whole batch's step: greedy is its limit
+                tokens.append(int(greedy[row]))
+                continue
             tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
         return tokens
 

@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import AdminAuth, State
+from service.errors import AdapterValidationError
 from service.registration import register_adapter
 from service.registry import Registry
 from service.state import ServiceState
@@ -72,6 +73,13 @@ async def register(body: RegisterRequest, state: State) -> dict:
         state.engine.module_names,
     )
     await state.adapters.sync()
+    error = state.adapters.failed.get(version.uid)
+    if error is not None:
+        # it passed validation but the engine refused it: withdraw it so the version it replaced
+        # (or nothing) keeps serving, and say why
+        await asyncio.to_thread(Registry(state.settings.registry).withdraw, version.name, version.version)
+        await state.adapters.sync()
+        raise AdapterValidationError(f"registration of {version.uid} withdrawn: {error}", param="path")
     data = version.to_json()
     data.update(name=version.name, kind=version.kind, loaded=version.uid in state.adapters.loaded,
                 error=state.adapters.failed.get(version.uid))

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.api.common import SEED_FIELD, ChatMessage, Usage
 
 
+def _not_nullable(schema: dict[str, Any]) -> None:
+    """Document an optional field as absent-or-a-value: null is refused (see `_no_null`). The
+    Python type stays `X | None` so validation errors keep plain locations (`messages.0.role`)."""
+    variants = [v for v in schema.pop("anyOf", []) if v.get("type") != "null"]
+    if len(variants) == 1:
+        schema.update(variants[0])
+    elif variants:
+        schema["anyOf"] = variants
+    schema.pop("default", None)
+
+
 class PromptOrMessages(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str | None = Field(None, description="a single user message (the chat template is applied)")
-    messages: list[ChatMessage] | None = Field(None, description="a chat, OpenAI message format")
+    # exactly one of the two, in the schema too (`oneOf`), so a client generated from /openapi.json
+    # knows; an explicit null is refused like a wrong type (the schema has no null for either)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]},
+                                                                         {"required": ["messages"]}]})
+    prompt: str | None = Field(None, description="a single user message (the chat template is applied)",
+                               json_schema_extra=_not_nullable)
+    messages: list[ChatMessage] | None = Field(None, description="a chat, OpenAI message format",
+                                               json_schema_extra=_not_nullable)
+
+    @field_validator("prompt", "messages", mode="before")
+    @classmethod
+    def _no_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("omit the field instead of sending null")
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> PromptOrMessages:

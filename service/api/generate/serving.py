@@ -27,7 +27,8 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     param = "prompt" if body.prompt is not None else "messages"
     ticket = state.ticket()
     try:
-        choice = await choose(state, messages, body.adapter)
+        # routing is a forward pass too: a client that is gone must not keep the engine busy
+        choice = await cancel_on_disconnect(request, choose(state, messages, body.adapter))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
     except BaseException:
         ticket.release()

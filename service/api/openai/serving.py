@@ -50,7 +50,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     messages = [m.as_template_dict() for m in body.messages]
     ticket = state.ticket()
     try:
-        choice = await _choice_for_model(state, body.model, messages)
+        choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
     except BaseException:
         ticket.release()

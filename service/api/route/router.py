@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.api.deps import InferenceAuth, State
 from service.api.generate.protocol import PromptOrMessages, RouteResponse
@@ -10,5 +10,5 @@ router = APIRouter(tags=["inference"], dependencies=[InferenceAuth])
 
 
 @router.post("/route", response_model=RouteResponse, summary="Which adapter would answer this request")
-async def route_endpoint(body: PromptOrMessages, state: State) -> dict:
-    return await serve_route(state, body)
+async def route_endpoint(body: PromptOrMessages, request: Request, state: State) -> dict:
+    return await serve_route(state, body, request)

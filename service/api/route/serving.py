@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from starlette.requests import Request
+
 from service.api.common import check_limits
 from service.api.generate.protocol import PromptOrMessages
-from service.inference import route
+from service.inference import cancel_on_disconnect, route
 from service.state import ServiceState
 
 
-async def serve_route(state: ServiceState, body: PromptOrMessages) -> dict:
+async def serve_route(state: ServiceState, body: PromptOrMessages, request: Request) -> dict:
     check_limits(state.settings, body.messages, None, ())
     ticket = state.ticket()
     try:
-        choice = await route(state, body.chat())
+        choice = await cancel_on_disconnect(request, route(state, body.chat()))
     finally:
         ticket.release()
     info = choice.route_info()
