@@ -324,12 +324,14 @@ def demo_command(
     = False,
     quick: Annotated[bool, typer.Option(help="a few steps each: checks the pipeline, not the quality")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[str | None, typer.Option(help="stamp of an interrupted demo (datasets/demo_<stamp>)")]
+    = None,
 ) -> None:
     """Demo datasets, experts and router trained on the CPU, evaluated, registered."""
     from training.demo import DemoPlan, run_demo
 
     plan = DemoPlan.quick(seed) if quick else DemoPlan(seed=seed)
-    run_demo(_settings(), plan, if_missing=if_missing, echo=typer.echo)
+    run_demo(_settings(), plan, if_missing=if_missing, echo=typer.echo, resume=resume)
 
 
 def onboard_command(

@@ -91,7 +91,11 @@ def run_demo(
     if_missing: bool = False,
     echo: Callable[[str], Any] = print,
     base: BaseModelInfo | None = None,
+    resume: str | None = None,
 ) -> DemoResult:
+    """`resume` is the stamp of an interrupted demo (`datasets/demo_<stamp>`): its datasets are
+    rebuilt identically (seeded), finished adapters are reused and unfinished runs continue from
+    their last checkpoint, so a demo cut off after most of its training does not start over."""
     settings = settings or Settings()
     plan = plan or DemoPlan()
     registry = Registry(settings.registry)
@@ -101,9 +105,11 @@ def run_demo(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = base or resolve_base_model(settings.base_model, settings.cache_dir, settings.base_model_name)
-    stamp = f"{datetime.now():%Y%m%d_%H%M%S}"
+    stamp = resume or f"{datetime.now():%Y%m%d_%H%M%S}"
     root = settings.adapter_root
     data_root = root / "datasets" / f"demo_{stamp}"
+    if resume and not data_root.is_dir():
+        raise FileNotFoundError(f"no interrupted demo to resume: {data_root} does not exist")
     shared = check_first_tokens(list(plan.experts), base)
     if shared:
         echo(f"note: {', '.join(shared)} share a first token; routing scores their full names")
@@ -124,13 +130,12 @@ def run_demo(
         echo(f"[demo] training expert {name} ({plan.expert.max_steps} steps)")
         config = replace(plan.expert, dataset=data.path, run_name=f"demo_{stamp}_{name}", seed=plan.seed,
                          description=f"demo expert: {name}")
-        result = train_adapter(config, settings, base)
-        finals[name] = result.final_dir
+        finals[name] = _train_or_reuse(config, settings, base, echo)
         t = lap(f"train {name}", t)
     echo(f"[demo] training router over {', '.join(routing.labels)} ({plan.router.max_steps} steps)")
     config = replace(plan.router, dataset=routing.path, run_name=f"demo_{stamp}_{ROUTER_NAME}", seed=plan.seed,
                      description="demo router")
-    finals[ROUTER_NAME] = train_adapter(config, settings, base).final_dir
+    finals[ROUTER_NAME] = _train_or_reuse(config, settings, base, echo)
     t = lap("train router", t)
 
     echo("[demo] evaluating through the serving engine")
@@ -165,6 +170,15 @@ def run_demo(
     for line in summary_lines(summary, report_dir):
         echo(line)
     return DemoResult(False, seconds, report_dir, summary)
+
+
+def _train_or_reuse(config: TrainConfig, settings: Settings, base: BaseModelInfo, echo: Callable[[str], Any]
+                    ) -> Path:
+    final = (config.runs_dir or settings.adapter_root / "runs") / config.run_name / "final"
+    if (final / "adapter_model.safetensors").is_file():
+        echo(f"[demo]   reusing {final}")
+        return final
+    return train_adapter(config, settings, base).final_dir
 
 
 async def _evaluate(settings: Settings, base: BaseModelInfo, plan: DemoPlan, finals: dict[str, Path],
