@@ -201,7 +201,8 @@ def test_a_bad_candidate_is_refused_and_never_serves(world: dict, base_model: Ba
 
 def test_onboard_refuses_garbage_before_training(world: dict, tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{}"}]}'
+    bad.write_text(good + "\n{oops\n")
     with pytest.raises(Exception, match=r"bad\.jsonl:2"):
         onboard("broken", bad, adapter=world["new_adapter"], settings=world["settings"])
     assert "broken" not in Registry(world["settings"].registry).load().entries

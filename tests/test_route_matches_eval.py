@@ -34,7 +34,10 @@ def routing_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files = {}
     for name, expert in EXPERT_OF.items():
         files[name] = out / f"{name}.jsonl"
-        write_jsonl(files[name], hass.expert_records(hass.EXPERTS[expert], 40, seed=3, intents=intents))
+        records = hass.expert_records(hass.EXPERTS[expert], 40, seed=3, intents=intents)
+        for record in records:  # served under the test adapters' names
+            record["metadata"]["adapter"] = name
+        write_jsonl(files[name], records)
     return build_routing_dataset(files, out / "routing", seed=0).path
 
 
