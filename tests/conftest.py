@@ -60,6 +60,21 @@ def served_registry(
 
 
 @pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo):
+    """`loramux demo` in its quick form (real datasets, a few training steps per adapter, evaluation,
+    registration) in its own adapter root: the demo test checks it, the Locust run serves it.
+    Returns (settings, DemoResult, printed lines)."""
+    from service.settings import Settings
+    from training.demo import DemoPlan, run_demo
+
+    root = tmp_path_factory.mktemp("quick_demo")
+    settings = Settings(adapter_root=root, registry=root / "config" / "loras.json", cache_dir=CACHE_DIR)
+    lines: list[str] = []
+    result = run_demo(settings, DemoPlan.quick(), echo=lines.append, base=base_model)
+    return settings, result, lines
+
+
+@pytest.fixture(scope="session")
 def server(served_registry: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real `loramux serve` on 127.0.0.1 with the three adapters and the router."""
     from tests.support import ServerProcess

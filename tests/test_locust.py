@@ -1,5 +1,6 @@
 """The 30-second headless Locust run CI keeps: `python -m loadtests.run_locust` (what `make
-loadtest` runs) against a real server with the conftest adapters and API keys, 0 failures."""
+loadtest` runs) against a demo server (the quick demo's trained experts and router) with API keys,
+0 failures."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.live_server import crashes, private_copy, start_server
+from tests.live_server import crashes, start_server
 from tests.support import PROJECT_ROOT, ServerProcess
 
 KEY = "locust-key"
@@ -21,10 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def load_server(served_registry, adapter_root, tmp_path_factory) -> Iterator[ServerProcess]:
-    root, registry = private_copy(served_registry, adapter_root, tmp_path_factory.mktemp("locust_root"))
-    server = start_server(root, registry, tmp_path_factory.mktemp("locust") / "server.log", api_keys=KEY,
-                          admin_api_keys="locust-admin")
+def load_server(quick_demo, tmp_path_factory) -> Iterator[ServerProcess]:
+    settings = quick_demo[0]
+    server = start_server(settings.adapter_root, settings.registry, tmp_path_factory.mktemp("locust") / "server.log",
+                          api_keys=KEY, admin_api_keys="locust-admin")
     yield server
     server.stop()
 

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.base_model import BaseModelInfo
 from service.registry import Registry
-from service.settings import PROJECT_ROOT, Settings
+from service.settings import Settings
 from training.demo import DemoPlan, run_demo
 
 
@@ -23,12 +22,9 @@ def test_if_missing_does_nothing_when_the_registry_has_adapters(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_quick_demo_trains_evaluates_and_registers(tmp_path: Path, base_model: BaseModelInfo) -> None:
-    settings = Settings(adapter_root=tmp_path, registry=tmp_path / "config" / "loras.json",
-                        cache_dir=PROJECT_ROOT / ".cache")
+def test_quick_demo_trains_evaluates_and_registers(quick_demo) -> None:
+    settings, result, lines = quick_demo
     plan = DemoPlan.quick()
-    lines: list[str] = []
-    result = run_demo(settings, plan, echo=lines.append, base=base_model)
     snapshot = Registry(settings.registry).load()
     assert snapshot.active_router == "router"
     assert snapshot.entries["router"].active.labels == tuple(sorted(plan.experts))
