@@ -40,6 +40,8 @@ NAMES_BY_DOMAIN: dict[str, list[str]] = {
     "weather": ["Paris", "London", "New York", "Berlin", "Tokyo", "Sydney"],
     "media_player": ["TV", "living room speaker", "kitchen radio", "soundbar", "bedroom speaker", "Chromecast"],
     "todo": ["groceries", "chores", "work", "packing", "garden"],
+    "vacuum": ["Roomba", "Roborock", "Dusty", "Eufy"],  # templates add "vacuum" themselves
+    "lawn_mower": ["Automower", "Husqvarna", "backyard", "Gardena"],  # and "mower"
 }
 ITEMS = ["milk", "eggs", "bread", "apples", "bananas", "coffee beans", "toothpaste", "batteries", "olive oil",
          "rice", "dish soap", "butter", "cheese", "paper towels", "tomatoes", "call the plumber", "pay rent",
@@ -93,6 +95,11 @@ EXPERTS: dict[str, ExpertSpec] = {
                    frozenset({"HassShoppingListAddItem", "HassShoppingListCompleteItem", "HassListAddItem",
                               "HassListCompleteItem", "HassListRemoveItem"}),
                    frozenset({"todo"})),
+        # not in the demo: the expert `loramux onboard` adds to a running demo service
+        ExpertSpec("robots", "robot vacuums and lawn mowers",
+                   frozenset({"HassVacuumStart", "HassVacuumReturnToBase", "HassLawnMowerStartMowing",
+                              "HassLawnMowerDock"}),
+                   frozenset({"vacuum", "lawn_mower"})),
     )
 }
 
