@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,20 +31,29 @@ def make_lora_adapter(
 
     No training: the serving tests need adapters that differ, not adapters that are good."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    save_random_lora(lambda: AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32), out_dir, seed,
+                     rank, list(target_modules), scale)
+    fix_base_model_name(out_dir, base.name)
+    return out_dir
+
+
+def save_random_lora(load_model: Callable[[], Any], out_dir: Path, seed: int, rank: int,
+                     target_modules: list[str] | str, scale: float) -> None:
+    """Seed, load the model, wrap it in a LoRA with random non-zero A and B scaled by `scale`, save it
+    as safetensors: the one recipe behind the text and the vision-language test adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(target_modules), init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False)
+    peft_model = get_peft_model(load_model(), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.mul_(scale)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
-    fix_base_model_name(out_dir, base.name)
-    return out_dir
 
 
 def fix_base_model_name(adapter_dir: Path, name: str) -> None:

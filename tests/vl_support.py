@@ -304,16 +304,10 @@ def make_vl_lora_adapter(model_dir: Path, out_dir: Path, seed: int, rank: int = 
     """A PEFT LoRA with random non-zero A and B on q_proj/v_proj of the language model only (not the vision
     tower), saved as safetensors. Keys look like `base_model.model.model.language_model.layers.0.self_attn...`."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LANGUAGE_MODEL_QV, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.mul_(scale)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    from tests.support import save_random_lora
+
+    save_random_lora(lambda: AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32), out_dir,
+                     seed, rank, LANGUAGE_MODEL_QV, scale)
     return Path(out_dir)
