@@ -67,6 +67,7 @@ class Traffic:
                     response = client.post("/generate", json={"prompt": text, "adapter": rng.choice(OLD),
                                                               "max_tokens": 2})
                 self.results.append((response.status_code, response.json()))
+                self._stop.wait(0.1)
 
     def __enter__(self) -> Traffic:
         for thread in self._threads:
@@ -101,7 +102,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -
     env = {"LORAMUX_REGISTRY": str(settings.registry), "LORAMUX_ADAPTER_ROOT": str(root),
            "LORAMUX_CACHE_DIR": str(settings.cache_dir), "LORAMUX_REGISTRY_POLL_S": "0.5",
            "LORAMUX_SHADOW_FRACTION": "1.0", "LORAMUX_GATE_MIN_ACCURACY": str(FLOOR),
-           "LORAMUX_GATE_MAX_RECALL_DROP": str(MARGIN)}
+           "LORAMUX_GATE_MAX_RECALL_DROP": str(MARGIN),
+           # server and onboarding CLI share 2 cores: one thread each, or OpenMP spin-waits oversubscribe
+           # them and both slow down many times over (CI timed out this way)
+           "OMP_NUM_THREADS": "1"}
     server = ServerProcess(env).start(root / "server.log")
     try:
         yield {"root": root, "settings": settings, "tasks": tasks, "server": server, "env": env,

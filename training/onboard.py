@@ -11,6 +11,7 @@ never serves. The running service picks the promoted router up between requests.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.base_model import BaseModelInfo, resolve_base_model
 from service.registration import register_adapter as service_register
 from service.registry import Registry
 from service.settings import Settings
@@ -120,6 +122,7 @@ def onboard(
     floor = settings.gate_min_accuracy if floor is None else floor
     margin = settings.gate_max_recall_drop if margin is None else margin
     registry = Registry(settings.registry)
+    base = _base(settings)  # once: every step below trains, evaluates or validates against it
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     seconds: dict[str, float] = {}
     dataset = Path(dataset).resolve()
@@ -131,12 +134,12 @@ def onboard(
     started = time.perf_counter()
     if train:
         result = train_adapter(TrainConfig(kind="task", dataset=dataset, run_name=f"{name}-{stamp}",
-                                           **(expert_options or {})), settings)
+                                           **(expert_options or {})), settings, base)
         adapter = result.final_dir
     seconds["expert_train"] = time.perf_counter() - started
     assert adapter is not None
     fingerprint = fingerprint_files(sorted(dataset.glob("*.jsonl")) if dataset.is_dir() else [dataset])
-    expert = service_register(settings, _base(settings), "task", name, adapter,
+    expert = service_register(settings, base, "task", name, adapter,
                               dataset={"path": str(dataset), "fingerprint": fingerprint})
 
     snapshot = registry.load()
@@ -155,12 +158,12 @@ def onboard(
         options.setdefault("init_adapter", settings.adapter_root / active.path)  # warm start: labels only grow
     started = time.perf_counter()
     trained = train_adapter(TrainConfig(kind="router", dataset=routing.path, run_name=f"router-{stamp}",
-                                        **options), settings)
+                                        **options), settings, base)
     seconds["router_train"] = time.perf_counter() - started
 
     started = time.perf_counter()
     review = review_candidate(settings, router_name, trained.final_dir, routing.path, labels, floor, margin,
-                              promote, eval_limit)
+                              promote, eval_limit, base)
     seconds["evaluation"] = time.perf_counter() - started
     report_path = scratch / "onboard_report.json"
     result = OnboardResult(name, expert.version, router_name, review.version, review.promoted, review.gate,
@@ -181,23 +184,29 @@ class Review:
 
 def review_candidate(settings: Settings, router_name: str, candidate_dir: Path, routing_dataset: Path,
                      labels: list[str], floor: float, margin: float, promote: bool = True,
-                     eval_limit: int | None = None) -> Review:
+                     eval_limit: int | None = None, base: BaseModelInfo | None = None) -> Review:
     """Evaluate a trained router beside the active one on the same eval split, register it as a
     candidate version, and promote it only if it passes the gate; a refused candidate is marked
-    failed, so it can neither serve nor be shadowed."""
-    from training.evaluate import evaluate_router
+    failed, so it can neither serve nor be shadowed. Both routers are evaluated on one engine."""
+    from training.evaluate import EngineSession, evaluate_router_async
 
-    active = Registry(settings.registry).load().router(router_name)
-    candidate_report = evaluate_router(candidate_dir, routing_dataset, settings, labels=labels,
-                                       limit=eval_limit).report
-    active_report = None
-    if active is not None:
-        old_labels = [label for label in active.labels if label in labels]
-        active_report = evaluate_router(settings.adapter_root / active.path, routing_dataset, settings,
-                                        labels=old_labels, limit=eval_limit).report
-    verdict = gate(candidate_report, active_report, floor, margin)
+    base = base or _base(settings)
     registry = Registry(settings.registry)
-    candidate = service_register(settings, _base(settings), "router", router_name, candidate_dir,
+    active = registry.load().router(router_name)
+
+    async def evaluate_both() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        async with EngineSession(settings, base) as session:
+            candidate = await evaluate_router_async(session, candidate_dir, routing_dataset, labels, limit=eval_limit)
+            if active is None:
+                return candidate.report, None
+            old_labels = [label for label in active.labels if label in labels]
+            current = await evaluate_router_async(session, settings.adapter_root / active.path, routing_dataset,
+                                                  old_labels, limit=eval_limit)
+            return candidate.report, current.report
+
+    candidate_report, active_report = asyncio.run(evaluate_both())
+    verdict = gate(candidate_report, active_report, floor, margin)
+    candidate = service_register(settings, base, "router", router_name, candidate_dir,
                                  labels=tuple(labels), activate=False)
     promoted = False
     if not verdict.passed:
@@ -208,7 +217,5 @@ def review_candidate(settings: Settings, router_name: str, candidate_dir: Path, 
     return Review(candidate.version, promoted, verdict, candidate_report, active_report)
 
 
-def _base(settings: Settings):  # noqa: ANN202 - BaseModelInfo, imported lazily with the model code
-    from service.base_model import resolve_base_model
-
+def _base(settings: Settings) -> BaseModelInfo:
     return resolve_base_model(settings.base_model, settings.cache_dir, settings.base_model_name)
