@@ -8,8 +8,10 @@ One module-scoped scenario, in the order an operator lives it:
    whole time: the new expert becomes routable without a restart and no request fails;
 4. a router trained on shuffled labels is refused by the gate, marked failed, and never serves.
 
-The experts are random-weight LoRA adapters (what they answer does not matter here); the routers
-are really trained, a few dozen steps each, so routing accuracy means something.
+The server starts on what `loramux demo` builds (`run_demo`: real datasets, trained experts and a
+router, evaluated and registered), with a few expert steps (what experts answer does not matter
+here) and a router trained a few dozen steps, so routing accuracy means something. The new expert
+is trained by `onboard --train` itself.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.base_model import BaseModelInfo
-from service.registration import register_adapter
 from service.registry import Registry
 from service.settings import PROJECT_ROOT, Settings
-from tests.support import ServerProcess, make_lora_adapter
+from tests.support import ServerProcess
 from training.chats import read_chats, write_jsonl
+from training.demo import DemoPlan, run_demo
 from training.onboard import onboard, review_candidate
 from training.routing_dataset import build_routing_dataset
 from training.task_datasets import build_task_datasets
@@ -43,8 +46,7 @@ pytestmark = pytest.mark.slow
 OLD = ("lights", "media", "timer")
 NEW = "calendar"
 FLOOR, MARGIN = 0.8, 0.25
-ROUTER = {"batch_size": 16, "learning_rate": 2e-3, "dropout": 0.0, "progress": False, "eval_examples": 0,
-          "save_steps": 1000}
+ROUTER = {"batch_size": 16, "learning_rate": 2e-3, "dropout": 0.0, "save_steps": 1000}
 
 
 class Traffic:
@@ -91,14 +93,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -
     root = tmp_path_factory.mktemp("onboard_root")
     settings = Settings(adapter_root=root, registry=root / "config" / "loras.json", cache_dir=PROJECT_ROOT / ".cache",
                         gate_min_accuracy=FLOOR, gate_max_recall_drop=MARGIN)
-    tasks = build_task_datasets(root / "datasets" / "experts", (*OLD, NEW), per_expert=60, seed=0)
-    for index, name in enumerate(OLD):
-        adapter = make_lora_adapter(base_model, root / "experts" / name, seed=10 + index)
-        register_adapter(settings, base_model, "task", name, adapter, dataset={"path": str(tasks[name].all_file)})
-    routing = build_routing_dataset({n: tasks[n].all_file for n in OLD}, root / "datasets" / "routing_v1", seed=0)
-    router = train_adapter(TrainConfig(kind="router", dataset=routing.path, run_name="router-v1", max_steps=24,
-                                       **ROUTER), settings, base_model)
-    register_adapter(settings, base_model, "router", "router", router.final_dir, labels=OLD)
+    quick = DemoPlan.quick()
+    plan = DemoPlan(experts=OLD, per_expert=60, seed=0, expert=replace(quick.expert, max_steps=4),
+                    router=replace(quick.router, max_steps=24, **ROUTER), expert_eval_limit=2,
+                    router_eval_limit=None, expert_max_tokens=16)
+    demo = run_demo(settings, plan, echo=lambda _line: None, base=base_model)
+    tasks = {name: Path(demo.summary["datasets"]) / "experts" / name for name in OLD}
+    tasks[NEW] = build_task_datasets(root / "datasets" / "new", (NEW,), per_expert=60, seed=0)[NEW].path
     env = {"LORAMUX_REGISTRY": str(settings.registry), "LORAMUX_ADAPTER_ROOT": str(root),
            "LORAMUX_CACHE_DIR": str(settings.cache_dir), "LORAMUX_REGISTRY_POLL_S": "0.5",
            "LORAMUX_SHADOW_FRACTION": "1.0", "LORAMUX_GATE_MIN_ACCURACY": str(FLOOR),
@@ -108,8 +109,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -
            "OMP_NUM_THREADS": "1"}
     server = ServerProcess(env).start(root / "server.log")
     try:
-        yield {"root": root, "settings": settings, "tasks": tasks, "server": server, "env": env,
-               "new_adapter": make_lora_adapter(base_model, root / "experts" / NEW, seed=20)}
+        yield {"root": root, "settings": settings, "tasks": tasks, "server": server, "env": env}
     finally:
         server.stop()
 
@@ -125,12 +125,12 @@ def _texts(path: Path, split: str = "eval") -> list[str]:
 
 def test_onboard_shadow_promote_without_restart_or_failures(world: dict) -> None:
     server, tasks = world["server"], world["tasks"]
-    old_texts = [t for name in OLD for t in _texts(tasks[name].path)]
-    new_texts = _texts(tasks[NEW].path)
+    old_texts = [t for name in OLD for t in _texts(tasks[name])]
+    new_texts = _texts(tasks[NEW])
     with Traffic(server.url, old_texts) as traffic:
         started = time.perf_counter()
-        done = _cli(world["env"], "onboard", "--name", NEW, "--dataset", str(tasks[NEW].all_file),
-                    "--adapter", str(world["new_adapter"]), "--no-promote", "--router-steps", "16")
+        done = _cli(world["env"], "onboard", "--name", NEW, "--dataset", str(tasks[NEW] / "all.jsonl"),
+                    "--train", "--expert-steps", "4", "--no-promote", "--router-steps", "16")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "passed the gate (candidate)" in done.stdout, done.stdout
         report_path = Path(done.stdout.split("report: ")[1].strip())
@@ -171,8 +171,8 @@ def test_onboard_shadow_promote_without_restart_or_failures(world: dict) -> None
 
 def test_a_bad_candidate_is_refused_and_never_serves(world: dict, base_model: BaseModelInfo) -> None:
     server, settings, tasks = world["server"], world["settings"], world["tasks"]
-    routing = build_routing_dataset({n: tasks[n].all_file for n in (*OLD, NEW)}, world["root"] / "datasets" / "bad",
-                                    seed=0)
+    routing = build_routing_dataset({n: tasks[n] / "all.jsonl" for n in (*OLD, NEW)},
+                                    world["root"] / "datasets" / "bad", seed=0)
     train = read_chats(routing.path / "train.jsonl")
     answers = [r.messages[-1]["content"] for r in train]
     random.Random(0).shuffle(answers)
@@ -186,10 +186,10 @@ def test_a_bad_candidate_is_refused_and_never_serves(world: dict, base_model: Ba
     for split in ("val", "eval"):
         (shuffled / f"{split}.jsonl").write_text((routing.path / f"{split}.jsonl").read_text())
     bad = train_adapter(TrainConfig(kind="router", dataset=shuffled, run_name="router-shuffled", max_steps=16,
-                                    **ROUTER), settings, base_model)
+                                    progress=False, eval_examples=0, **ROUTER), settings, base_model)
 
     active_before = Registry(settings.registry).load().router("router")
-    with Traffic(server.url, _texts(tasks[NEW].path) + _texts(tasks["lights"].path)) as traffic:
+    with Traffic(server.url, _texts(tasks[NEW]) + _texts(tasks["lights"])) as traffic:
         review = review_candidate(settings, "router", bad.final_dir, routing.path, sorted((*OLD, NEW)),
                                   FLOOR, MARGIN)
         time.sleep(2)  # a few registry polls: a refused version must not be picked up
@@ -208,5 +208,5 @@ def test_onboard_refuses_garbage_before_training(world: dict, tmp_path: Path) ->
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "{}"}]}'
     bad.write_text(good + "\n{oops\n")
     with pytest.raises(Exception, match=r"bad\.jsonl:2"):
-        onboard("broken", bad, adapter=world["new_adapter"], settings=world["settings"])
+        onboard("broken", bad, adapter=None, train=True, settings=world["settings"])
     assert "broken" not in Registry(world["settings"].registry).load().entries
