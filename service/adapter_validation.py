@@ -10,8 +10,10 @@ names the reason, so a bad adapter is a clear 4xx and never touches the engine.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from service.base_model import BaseModelInfo, sha256_file
 from service.errors import AdapterValidationError
@@ -103,13 +105,9 @@ def validate_adapter(
             f"adapter was trained on {declared or 'an unknown base model'!r}, this service runs {base.name!r}",
             param="path",
         )
-    targets = _target_modules(config)
+    targets = config.get("target_modules") or []
     if module_names is not None:
-        missing = [t for t in targets if t not in module_names]
-        if missing:
-            raise AdapterValidationError(
-                f"target modules {missing} do not exist in the base model", param="path"
-            )
+        _check_targets(targets, module_names)
     _check_weights(weights, rank)
     metadata = _read_metadata(folder)
     return AdapterInfo(
@@ -136,12 +134,24 @@ def module_names(model: object) -> set[str]:
 def base_module_names(base: BaseModelInfo) -> set[str]:
     """The base model's module names without loading its weights (built on the meta device)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base.path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = model_class(config).from_config(config)
     return module_names(model)
+
+
+def is_vision_language(config: object) -> bool:
+    """A vision-language model (Qwen3-VL and the like) has a vision tower config beside its text one."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_class(config: object) -> Any:
+    """The transformers auto class that builds this base model with its language-model head."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
 def _read_config(folder: Path) -> dict:
@@ -178,12 +188,25 @@ def _same_base(declared: str, base: BaseModelInfo) -> bool:
     return declared_path.is_dir() and declared_path.resolve() == base.path.resolve()
 
 
-def _target_modules(config: dict) -> list[str]:
-    targets = config.get("target_modules") or []
+def _check_targets(targets: object, names: set[str]) -> None:
+    """PEFT's `target_modules` is a list of module names (or name suffixes), or one regex matched
+    against full module names (vision-language adapters use it to keep LoRA off the vision tower).
+    Either way it must hit the base model: an adapter whose targets match nothing loads as a no-op."""
     if isinstance(targets, str):
-        # a regex in PEFT; we only serve explicit module lists, which we can check
-        raise AdapterValidationError("target_modules as a regex is not supported; list the modules", "path")
-    return [str(t) for t in targets]
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise AdapterValidationError(f"target_modules regex {targets!r} is invalid: {exc}", param="path") from None
+        if not any(pattern.fullmatch(name) for name in names):
+            raise AdapterValidationError(f"target_modules regex {targets!r} matches no module of the base model",
+                                         param="path")
+        return
+    if not isinstance(targets, list) or not targets:
+        raise AdapterValidationError("target_modules must be a non-empty list of module names or a regex",
+                                     param="path")
+    missing = [str(t) for t in targets if str(t) not in names]
+    if missing:
+        raise AdapterValidationError(f"target modules {missing} do not exist in the base model", param="path")
 
 
 def _check_weights(weights: Path, rank: int) -> None:

@@ -9,7 +9,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,7 +144,9 @@ async def maybe_shadow(state: ServiceState, router: ResolvedAdapter, names: list
     candidate = state.adapters.candidate_router()
     if candidate is None:
         return
-    shadow_names = [n for n in names if n in candidate.version.labels] or names
+    # the candidate chooses among its own routable labels: what it would do if promoted, including
+    # sending requests to the expert it was retrained for (which the active router cannot name)
+    shadow_names = [c.version.name for c in state.adapters.routable(candidate.version.labels)] or names
     shadow = await state.router.decide(candidate.ref, shadow_names, messages)
     agree = shadow.top == decision.top
     state.metrics.shadow_agreement.labels(decision.top, shadow.top, str(agree).lower()).inc()
@@ -177,6 +179,7 @@ async def generate_stream(
     choice: Choice,
     params: SamplingParams,
     outcome: Outcome,
+    images: Sequence[Any] = (),
 ) -> AsyncIterator[TokenDelta]:
     """Run one generation with the adapter held, the deadline enforced and the metrics recorded.
     The caller holds an admission slot. Closing this iterator aborts the engine request."""
@@ -188,7 +191,8 @@ async def generate_stream(
     first = True
     deadline = started + state.settings.request_timeout_s
     async with state.adapters.use(choice.adapter):
-        stream = state.engine.generate(request_id, ids, choice.adapter.ref if choice.adapter else None, params)
+        stream = state.engine.generate(request_id, ids, choice.adapter.ref if choice.adapter else None, params,
+                                       images)
         try:
             while True:
                 remaining = deadline - time.perf_counter()

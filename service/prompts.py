@@ -25,9 +25,13 @@ def message_text(content: Any) -> str:
 
 
 def router_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The router sees its own system prompt and the conversation's last user turn."""
+    """The router sees its own system prompt and the conversation's last user turn: its text, and
+    its images when it has any (a screenshot can decide the expert as much as the words)."""
     user_turns = [m for m in messages if m.get("role") == "user"]
-    last = message_text(user_turns[-1]["content"]) if user_turns else ""
+    content = user_turns[-1]["content"] if user_turns else ""
+    last: Any = message_text(content)
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
+        last = [p for p in content if isinstance(p, dict) and p.get("type") in ("image", "text")]
     return [
         {"role": "system", "content": ROUTER_SYSTEM_PROMPT},
         {"role": "user", "content": last},

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline")
     shutdown_grace_s: float = Field(30.0, ge=0)
 
+    # images (vision-language base models only)
+    max_images: int = Field(4, ge=0, description="images per request")
+    max_image_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest encoded image (data URL or fetched)")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height")
+    allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="timeout for fetching one image URL")
+
     # routing
     router: str | None = Field(None, description="router adapter to use (default: the registry's router)")
     route_threshold: float = Field(0.0, ge=0.0, le=1.0, description="below this confidence, fall back")

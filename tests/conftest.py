@@ -89,3 +89,22 @@ def server(served_registry: Path, adapter_root: Path, tmp_path_factory: pytest.T
     proc = ServerProcess(env).start(tmp_path_factory.mktemp("server") / "server.log")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-VL with the real Qwen tokenizer (tests/vl_support.py), ~22 MB, ~5 s."""
+    from tests.vl_support import build_tiny_qwen3_vl
+
+    return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+
+
+@pytest.fixture(scope="session")
+def vl_adapters(tiny_vl: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two language-model LoRAs and a router LoRA on the tiny Qwen3-VL (random weights, scaled up so
+    they visibly change the output)."""
+    from tests.vl_support import make_vl_lora_adapter
+
+    root = tmp_path_factory.mktemp("vl-adapters")
+    return {name: make_vl_lora_adapter(tiny_vl, root / name, seed=seed, scale=4.0)
+            for name, seed in (("alpha", 1), ("beta", 2), ("router", 3))}

@@ -73,6 +73,14 @@ def test_route_endpoint(client):
     assert sum(probs.values()) == pytest.approx(1.0)
 
 
+def test_messages_without_content_are_empty_text(client):
+    """A message may omit `content` (OpenAI allows it for some roles): it renders as empty text."""
+    messages = [{"role": "developer"}, {"role": "user", "content": None},
+                {"role": "user", "content": [{"type": "text", "text": "set a timer"}]}]
+    r = client.post("/route", json={"messages": messages})
+    assert r.status_code == 200, r.text
+
+
 def test_streaming_sse(client):
     with client.stream("POST", "/generate",
                        json={"prompt": "Say hello", "adapter": "gamma", "max_tokens": 6, "stream": True}) as r:

@@ -149,6 +149,8 @@ def test_onboard_shadow_promote_without_restart_or_failures(world: dict) -> None
             assert body["router"]["version"] == 1 and body["adapter"] in OLD
         shadow = httpx.get(f"{server.url}/admin/routers", timeout=10).json()["shadow"]
         assert sum(s["compared"] for s in shadow.values()) >= 4
+        # the candidate shadows with its own labels: it sends the new expert's requests to the new expert
+        assert any(key.endswith(f"->{NEW}") for s in shadow.values() for key in s["disagreements"]), shadow
 
         promoted = _cli(world["env"], "router", "promote")
         assert promoted.returncode == 0, promoted.stderr

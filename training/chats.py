@@ -4,10 +4,18 @@ Other people's data arrives through here, so every problem is reported as a `Dat
 names the file and the line (1-based) and says what was expected; the CLI prints it as one line
 and exits non-zero. Reading is strict on structure (a JSON object, a list of messages with string
 roles and contents) and lenient on extras (other keys are carried along untouched).
+
+Records may carry images, for vision-language base models: content parts
+`{"type": "image", "image": "path.png"}`, or the seed format (a top-level `image` path, or an
+`images` list, with `<image>` marking where each goes in the user turn; without markers the images
+open the first user turn). Paths are relative to the JSONL file; each is checked to exist and to
+decode as an image when the file is read, and stored as an absolute path in an `image` part, so
+the datasets built from it (routing, splits) keep pointing at it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -66,6 +74,120 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+IMAGE_MARKER = "<image>"
+
+
+def image_paths(messages: list[dict[str, Any]]) -> list[str]:
+    """Paths of the image parts of a chat, in order."""
+    return [str(part["image"]) for m in messages if isinstance(m.get("content"), list)
+            for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
+
+
+def chat_key(messages: list[dict[str, Any]]) -> str:
+    """The key under which two requests count as identical for deduplication and leakage checks:
+    the last user turn's folded text and its images' content hashes. Two screenshots under the
+    same words are different examples (a router may have to tell them apart by the image alone)."""
+    users = [m for m in messages if m.get("role") == "user"]
+    key = normalize_text(last_user_text(messages))
+    digests = [_file_digest(p) for p in image_paths(users[-1:])]
+    return key + ("|" + ",".join(digests) if digests else "")
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def load_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The chat with each image part's path replaced by the decoded RGB image (what engines take)."""
+    from PIL import Image
+
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
+                    with Image.open(part["image"]) as image:
+                        part = {"type": "image", "image": image.convert("RGB")}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+def _resolve_images(data: dict[str, Any], messages: list[dict[str, Any]], path: Path, line: int
+                    ) -> list[dict[str, Any]]:
+    """Seed-format images into content parts; every image path absolute, existing and decodable."""
+    seed = data.get("images", data.get("image"))
+    if seed is not None:
+        seed = [seed] if isinstance(seed, str) else seed
+        if not isinstance(seed, list) or not all(isinstance(p, str) for p in seed):
+            raise DatasetError(path, line, "'image' must be a path, 'images' a list of paths")
+        messages = _place_seed_images(messages, list(seed), path, line)
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    part = {**part, "image": _checked_image(part.get("image"), path, line)}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+def _place_seed_images(messages: list[dict[str, Any]], images: list[str], path: Path, line: int
+                       ) -> list[dict[str, Any]]:
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages if isinstance(m.get("content"), str))
+    if markers and markers != len(images):
+        raise DatasetError(path, line, f"{markers} '{IMAGE_MARKER}' marker(s) for {len(images)} image(s)")
+    queue = list(images)
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str) and (IMAGE_MARKER in content or (not markers and message["role"] == "user"
+                                                                      and queue)):
+            pieces = content.split(IMAGE_MARKER) if markers else ["", content]
+            parts: list[dict[str, Any]] = []
+            for index, piece in enumerate(pieces):
+                if index:
+                    parts.extend({"type": "image", "image": queue.pop(0)} for _ in range(1 if markers else
+                                                                                          len(queue)))
+                if piece.strip():
+                    parts.append({"type": "text", "text": piece.strip()})
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
+
+
+def _checked_image(value: Any, path: Path, line: int) -> str:
+    if not isinstance(value, str) or not value:
+        raise DatasetError(path, line, "an image part needs an 'image' path")
+    image_path = (path.parent / value).resolve()
+    if not image_path.is_file():
+        raise DatasetError(path, line, f"image {value!r} not found (paths are relative to {path.parent})")
+    reason = _unreadable_image(str(image_path))
+    if reason:
+        raise DatasetError(path, line, f"image {value!r} is not a readable image: {reason}")
+    return str(image_path)
+
+
+@functools.lru_cache(maxsize=65536)
+def _unreadable_image(path: str) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # PIL raises many types for damaged files
+        return str(exc) or type(exc).__name__
+    return ""
+
+
 def _check_messages(messages: Any, path: Path, line: int, need_assistant: bool) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise DatasetError(path, line, "'messages' must be a non-empty list of {role, content} objects")
@@ -110,6 +232,7 @@ def read_chats(path: Path | str, need_assistant: bool = True, min_records: int =
                 if "messages" not in data:
                     raise DatasetError(path, number, "missing field 'messages'")
                 messages = _check_messages(data["messages"], path, number, need_assistant)
+                messages = _resolve_images(data, messages, path, number)
                 metadata = data.get("metadata") or {}
                 if not isinstance(metadata, dict):
                     raise DatasetError(path, number, "'metadata' must be an object")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from training.cards import CARD_JSON
-from training.chats import ChatRecord, DatasetError, fingerprint_files, normalize_text, read_chats
+from training.chats import ChatRecord, DatasetError, chat_key, fingerprint_files, read_chats
 from training.splits import SplitError, stratified_split
 
 
@@ -65,7 +65,7 @@ def load_splits(path: Path | str, seed: int = 0, fractions: tuple[float, float, 
             sum(1 for r in records if _class_of(r) == c) >= 3 for c in classes
         ) else (lambda r: "all")
         try:
-            parts = stratified_split(records, label, lambda r: normalize_text(r.user_text), fractions, seed)
+            parts = stratified_split(records, label, lambda r: chat_key(r.messages), fractions, seed)
         except SplitError as exc:
             raise DatasetError(path, None, str(exc)) from exc
         return DatasetSplits(path, parts["train"], parts["val"], parts["eval"], fingerprint_files([path]))

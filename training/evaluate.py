@@ -25,10 +25,11 @@ from typing import Any
 from service.adapter_validation import detect_final
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.engine.base import AdapterRef, Engine, SamplingParams
-from service.prompts import message_text
+from service.multimodal import chat_images
+from service.prompts import message_text, router_messages
 from service.settings import Settings
 from training import metrics as m
-from training.chats import ChatRecord, DatasetError
+from training.chats import ChatRecord, DatasetError, load_images
 from training.dataset_files import load_splits
 from training.metadata import read_metadata
 from training.tool_calls import is_valid_tool_call, parse_tool_call, same_tool_call
@@ -83,20 +84,22 @@ class EngineSession:
 
 
 async def _generate(engine: Engine, request_id: str, prompt: Sequence[int], ref: AdapterRef | None,
-                    max_tokens: int) -> str:
+                    max_tokens: int, images: Sequence[Any] = ()) -> str:
     text = ""
-    async for delta in engine.generate(request_id, list(prompt), ref, SamplingParams(max_tokens=max_tokens)):
+    async for delta in engine.generate(request_id, list(prompt), ref, SamplingParams(max_tokens=max_tokens),
+                                       images):
         text += delta.text
     return text
 
 
 async def _generate_all(engine: Engine, prompts: list[list[int]], ref: AdapterRef, max_tokens: int,
-                        concurrency: int = 32) -> list[str]:
+                        concurrency: int = 32, images: Sequence[Sequence[Any]] | None = None) -> list[str]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(i: int, prompt: list[int]) -> str:
         async with gate:
-            return await _generate(engine, f"eval-{ref.key}-{i}", prompt, ref, max_tokens)
+            return await _generate(engine, f"eval-{ref.key}-{i}", prompt, ref, max_tokens,
+                                   images[i] if images else ())
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
@@ -145,10 +148,12 @@ async def evaluate_router_async(
     assert session.engine is not None
     router = Router(session.engine)
     decisions = []
-    for record in records:
-        decisions.append(await router.decide(ref, labels, record.messages))
-    prompts = [router.prompt_ids(r.messages) for r in records]
-    free_text = await _generate_all(session.engine, prompts, ref, max_tokens=8)
+    chats = [load_images(r.messages) for r in records]  # image parts: paths -> decoded images
+    for messages in chats:
+        decisions.append(await router.decide(ref, labels, messages))
+    prompts = [router.prompt_ids(messages) for messages in chats]
+    images = [chat_images(router_messages(messages)) for messages in chats]
+    free_text = await _generate_all(session.engine, prompts, ref, max_tokens=8, images=images)
     free = [t.strip() for t in free_text]
 
     predicted = [d.top for d in decisions]
@@ -207,12 +212,13 @@ async def evaluate_expert_async(
         tool_names = sorted({c["name"] for r in records if (c := parse_tool_call(_answer(r)))})
     assert session.engine is not None
     tokenizer = session.engine.tokenizer
+    chats = [load_images(r.messages[:-1]) for r in records]
     prompts = [
-        list(tokenizer.apply_chat_template(r.messages[:-1], add_generation_prompt=True, tokenize=True,
-                                           return_dict=False))
-        for r in records
+        list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for chat in chats
     ]
-    outputs = await _generate_all(session.engine, prompts, ref, max_tokens=max_tokens)
+    outputs = await _generate_all(session.engine, prompts, ref, max_tokens=max_tokens,
+                                  images=[chat_images(chat) for chat in chats])
     exact = [same_tool_call(o, _answer(r)) for o, r in zip(outputs, records, strict=True)]
     valid = [is_valid_tool_call(o, tool_names) for o in outputs]
     by_tool: dict[str, dict[str, list[bool]]] = defaultdict(lambda: {"exact": [], "valid": []})

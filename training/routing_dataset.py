@@ -19,7 +19,7 @@ from typing import Any
 
 from service.prompts import router_messages
 from training.cards import write_card
-from training.chats import ChatRecord, DatasetError, normalize_text, read_chats, write_jsonl
+from training.chats import ChatRecord, DatasetError, chat_key, read_chats, write_jsonl
 from training.splits import SPLITS, balance, cap_per_class, check_no_leakage, stratified_split
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -35,7 +35,7 @@ class Example:
 
     @property
     def key(self) -> str:
-        return normalize_text(self.record.user_text)
+        return chat_key(self.record.messages)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -136,7 +136,7 @@ def build_routing_dataset(
         "counts": counts,
         "sources": list(per_source.values()),
         "processing": {
-            "deduplication": "case- and whitespace-folded user text, per adapter",
+            "deduplication": "case- and whitespace-folded user text (and its images' hashes), per adapter",
             "ambiguous texts dropped": f"{len(conflicts)} (same text under several adapters)",
             "duplicates dropped": sum(duplicates.values()),
             "max per class": max_per_class if max_per_class is not None else "none",

@@ -26,7 +26,7 @@ from service.settings import Settings
 from training.chats import DatasetError
 from training.dataset_files import DatasetSplits, answer_labels, load_splits
 from training.metadata import build_metadata, write_metadata
-from training.preprocess import LengthReport, to_hf_dataset, tokenize_records
+from training.preprocess import LengthReport, VisionCollator, to_hf_dataset, tokenize_records
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def _loss_trainer_class() -> type:
             mode = "train" if model.training else "eval"
             causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
             backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+            extra = {k: inputs[k] for k in ("position_ids", "pixel_values", "image_grid_thw") if k in inputs}
             hidden = backbone(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **extra
             ).last_hidden_state
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
@@ -150,8 +151,11 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     """Train one LoRA adapter and write `runs/<run_name>/final/`; see the module docstring."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from trl import SFTConfig
+
+    from service.adapter_validation import is_vision_language, model_class
+    from service.engine.vision import VisionInputs
 
     started = time.perf_counter()
     settings = settings or Settings()
@@ -178,16 +182,21 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_items, report = tokenize_records(tokenizer, splits.train, config.max_length, label_of)
-    if not train_items:
-        raise DatasetError(splits.path, None, f"every training example is longer than max_length={config.max_length}")
-    log.info("length filter: %s", report.summary())
-    val_items, _ = tokenize_records(tokenizer, splits.val[: config.eval_examples], config.max_length, label_of)
-
     torch.manual_seed(config.seed)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+    model_config = AutoConfig.from_pretrained(base.path)
+    model = model_class(model_config).from_pretrained(base.path, dtype=dtype)
+    # vision-language base: chats are expanded with the serving engine's image code (same positions)
+    vision = VisionInputs(base.path, model.config, model.model.get_rope_index) if is_vision_language(
+        model_config) else None
+
+    train_items, report = tokenize_records(tokenizer, splits.train, config.max_length, label_of, vision)
+    if not train_items:
+        raise DatasetError(splits.path, None, f"every training example is longer than max_length={config.max_length}")
+    log.info("length filter: %s", report.summary())
+    val_items, _ = tokenize_records(tokenizer, splits.val[: config.eval_examples], config.max_length, label_of,
+                                    vision)
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -223,6 +232,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         gradient_checkpointing=False,
         shuffle_dataset=False,
         eval_strategy="no",
+        remove_unused_columns=vision is None,  # pixels and MRoPE positions go to the collator
     )
     trainer_class = _loss_trainer_class()
     trainer = trainer_class(
@@ -231,6 +241,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         train_dataset=to_hf_dataset(train_items),
         eval_dataset=to_hf_dataset(val_items) if val_items else None,
         processing_class=tokenizer,
+        data_collator=VisionCollator(tokenizer.pad_token_id) if vision is not None else None,
     )
     resume = config.resume and any(run_dir.glob("checkpoint-*"))
     output = trainer.train(resume_from_checkpoint=True if resume else None)

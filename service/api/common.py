@@ -3,7 +3,7 @@ fields and their limits, and conversion to the engine's `SamplingParams`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,17 +18,40 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(description="a data URL (data:image/png;base64,...), or http(s) when the server allows it")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image for a vision-language base model (OpenAI's content part); decoded and checked in
+    `service.multimodal` before anything else sees it."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     def as_template_dict(self) -> dict[str, Any]:
+        """Text-only content becomes one string (what every chat template takes); content with
+        images keeps its parts, in order, for `service.multimodal.load_chat_images`."""
         from service.prompts import message_text
 
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": message_text(self.model_dump()["content"])}
+        content = self.model_dump()["content"]
+        if isinstance(content, list) and any(part["type"] == "image_url" for part in content):
+            return {"role": role, "content": content}
+        return {"role": role, "content": message_text(content)}
 
 
 def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:

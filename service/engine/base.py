@@ -73,6 +73,14 @@ class Engine(abc.ABC):
     def module_names(self) -> set[str]:
         """Module names of the base model that LoRA target_modules may match."""
 
+    @property
+    def accepts_images(self) -> bool:
+        """Whether the base model is a vision-language model. Image requests to an engine that says
+        no are refused (400) before they reach it. Images reach the engine as decoded PIL images,
+        and the prompt carries one image placeholder token per image (the chat template's
+        `<|image_pad|>`); the engine expands it to the image's patch count itself."""
+        return False
+
     @abc.abstractmethod
     async def add_adapter(self, adapter: AdapterRef) -> None:
         """Make an adapter version resident; raises AdapterValidationError if its weights won't load."""
@@ -91,6 +99,7 @@ class Engine(abc.ABC):
         prompt_ids: Sequence[int],
         adapter: AdapterRef | None,
         params: SamplingParams,
+        images: Sequence[Any] = (),
     ) -> AsyncIterator[TokenDelta]:
         """Stream a generation. Closing the iterator early (client gone) aborts the request."""
 
@@ -105,6 +114,7 @@ class Engine(abc.ABC):
         adapter: AdapterRef | None,
         token_ids: Sequence[int],
         prefix_len: int = 0,
+        images: Sequence[Any] = (),
     ) -> list[float]:
         """Log-probabilities of each of `token_ids` as the next token after the prompt (one prefill).
         `prefix_len` is a hint: that many leading tokens are the same on every call (the router's
@@ -112,7 +122,11 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def sequence_logprobs(
-        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        continuations: Sequence[Sequence[int]],
+        images: Sequence[Any] = (),
     ) -> list[float]:
         """Total log-probability of each continuation after the prompt."""
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from service.adapter_validation import module_names
+from service.adapter_validation import is_vision_language, model_class, module_names
 from service.base_model import BaseModelInfo
 from service.engine import kv_batch
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
-from service.errors import AdapterValidationError, EngineError, ServiceUnavailableError
+from service.engine.vision import VisionInputs, VisionPrompt, decode_positions, mrope_positions
+from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class _Request:
     generated: int = 0
     aborted: bool = False
     eos: set[int] = field(default_factory=set)
+    vision: VisionPrompt | None = None  # images of a vision-language prompt, consumed by its prefill
+    rope_delta: int = 0
 
 
 class EmbeddedEngine(Engine):
@@ -67,6 +70,7 @@ class EmbeddedEngine(Engine):
         self._tokenizer: Any = None
         self._model: Any = None  # PeftModel once the first adapter is loaded, else the bare model
         self._module_names: set[str] = set()
+        self._vision: VisionInputs | None = None  # set for vision-language base models
         self._adapters: dict[str, AdapterRef] = {}
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._waiting: queue.Queue[_Request] = queue.Queue()
@@ -91,13 +95,16 @@ class EmbeddedEngine(Engine):
         self._thread.start()
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.base.path)
         dtype = DTYPES[self.settings.dtype]
-        model = AutoModelForCausalLM.from_pretrained(self.base.path, dtype=dtype)
+        config = AutoConfig.from_pretrained(self.base.path)
+        model = model_class(config).from_pretrained(self.base.path, dtype=dtype)
         model.eval()
         self._model = model
+        if is_vision_language(config):
+            self._vision = VisionInputs(self.base.path, model.config, model.model.get_rope_index)
         self._module_names = module_names(model)
         gen_eos = model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -116,6 +123,26 @@ class EmbeddedEngine(Engine):
     @property
     def module_names(self) -> set[str]:
         return self._module_names
+
+    @property
+    def accepts_images(self) -> bool:
+        return self._vision is not None
+
+    def _prepare_images(self, ids: Sequence[int], images: Sequence[Any]) -> VisionPrompt:
+        if self._vision is None:
+            raise BadRequestError("the base model does not accept images", param="messages")
+        return self._vision.prepare(ids, images, self._model.dtype)
+
+    def _vision_kwargs(self, prompts: list[VisionPrompt | None], positions: torch.Tensor) -> dict[str, Any]:
+        """Forward arguments for a (prefill) batch: MRoPE positions and pixels when any row has images."""
+        if all(p is None for p in prompts):
+            return {"position_ids": positions}
+        present = [p for p in prompts if p is not None]
+        return {
+            "position_ids": mrope_positions(positions, [p.mrope if p else None for p in prompts]),
+            "pixel_values": torch.cat([p.pixel_values for p in present]),
+            "image_grid_thw": torch.cat([p.image_grid_thw for p in present]),
+        }
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -180,10 +207,23 @@ class EmbeddedEngine(Engine):
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        params: SamplingParams,
+        images: Sequence[Any] = (),
     ) -> AsyncIterator[TokenDelta]:
         if self._thread is None or self._stop.is_set():
             raise ServiceUnavailableError("engine is not running")
+        vision = None
+        if images:
+            vision = await asyncio.to_thread(self._prepare_images, prompt_ids, images)
+            prompt_ids = vision.ids
+            if len(prompt_ids) + params.max_tokens > self.settings.max_model_len:
+                raise BadRequestError(
+                    f"prompt has {len(prompt_ids)} tokens with its images and {params.max_tokens} new tokens were "
+                    f"asked for; the context length is {self.settings.max_model_len}", param="messages")
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         generator = None
@@ -198,6 +238,8 @@ class EmbeddedEngine(Engine):
             emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
             stream=TextStream(self._tokenizer, params.stop),
             generator=generator,
+            vision=vision,
+            rope_delta=vision.rope_delta if vision else 0,
         )
         self._requests[request_id] = req
         self._waiting.put(req)
@@ -232,9 +274,14 @@ class EmbeddedEngine(Engine):
         adapter: AdapterRef | None,
         token_ids: Sequence[int],
         prefix_len: int = 0,
+        images: Sequence[Any] = (),
     ) -> list[float]:
         def run() -> list[float]:
-            logits = self._last_logits(list(prompt_ids), self._adapter_name(adapter), prefix_len)
+            name = self._adapter_name(adapter)
+            if images:  # no prefix cache: the prompt's positions depend on its images
+                logits = self._forward_single(list(prompt_ids), name, images, keep=1)[0][-1]
+            else:
+                logits = self._last_logits(list(prompt_ids), name, prefix_len)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             return [float(logprobs[t]) for t in token_ids]
 
@@ -267,25 +314,34 @@ class EmbeddedEngine(Engine):
         return out.logits[0, -1]
 
     async def sequence_logprobs(
-        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        continuations: Sequence[Sequence[int]],
+        images: Sequence[Any] = (),
     ) -> list[float]:
         def run() -> list[float]:
             name = self._adapter_name(adapter)
             scores = []
             for cont in continuations:
-                ids = list(prompt_ids) + list(cont)
-                logprobs = torch.log_softmax(self._forward_single(ids, name).float(), dim=-1)
-                start = len(prompt_ids)
+                logits, length = self._forward_single(list(prompt_ids) + list(cont), name, images)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                start = length - len(cont)  # images expand the prompt; the continuation is its tail
                 scores.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(cont))))
             return scores
 
         return await self._call(run)
 
-    def _forward_single(self, ids: list[int], adapter: str) -> torch.Tensor:
-        input_ids = torch.tensor([ids])
+    def _forward_single(self, ids: list[int], adapter: str, images: Sequence[Any] = (),
+                        keep: int = 0) -> tuple[torch.Tensor, int]:
+        """Logits of one sequence (the last `keep` positions, or all), and its length with images expanded."""
         kwargs = self._adapter_kwargs([adapter])
-        out = self._model(input_ids=input_ids, use_cache=False, **kwargs)
-        return out.logits[0]
+        if images:
+            vision = self._prepare_images(ids, images)
+            ids = vision.ids
+            kwargs |= self._vision_kwargs([vision], torch.arange(len(ids)).unsqueeze(0))
+        out = self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=keep, **kwargs)
+        return out.logits[0], len(ids)
 
     # ---- worker thread ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:
@@ -405,15 +461,16 @@ class EmbeddedEngine(Engine):
         out = self._model(
             input_ids=input_ids,
             attention_mask=mask,
-            position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._vision_kwargs([r.vision for r in new], positions),
             **self._adapter_kwargs([r.adapter for r in new]),
         )
         tokens = self._sample(out.logits[:, -1, :], new)
         for req in new:
             req.position = len(req.prompt_ids)
+            req.vision = None  # pixels are in the KV cache now
         if self._running:
             self._cache, self._mask = kv_batch.merge(self._cache, self._mask, out.past_key_values, mask)
         else:
@@ -425,7 +482,7 @@ class EmbeddedEngine(Engine):
     def _decode_step(self) -> None:
         input_ids = torch.tensor(self._last_tokens).unsqueeze(1)
         self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
-        positions = torch.tensor([[r.position] for r in self._running])
+        positions = decode_positions([r.position for r in self._running], [r.rope_delta for r in self._running])
         self.batch_size = len(self._running)
         out = self._model(
             input_ids=input_ids,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.engine.base import AdapterRef, Engine
+from service.multimodal import chat_images
 from service.prompts import router_messages
 
 
@@ -67,14 +68,15 @@ class Router:
             self._name_tokens[name] = self.engine.tokenizer.encode(name, add_special_tokens=False)
         return self._name_tokens[name]
 
-    async def scores(self, router: AdapterRef, candidates: Sequence[str], prompt_ids: list[int]) -> list[float]:
+    async def scores(self, router: AdapterRef, candidates: Sequence[str], prompt_ids: list[int],
+                     images: Sequence[Any] = ()) -> list[float]:
         token_lists = [self.name_tokens(c) for c in candidates]
         firsts = [tokens[0] for tokens in token_lists]
         if len(set(firsts)) == len(firsts):
-            return await self.engine.next_token_logprobs(prompt_ids, router, firsts, self.prefix_len())
+            return await self.engine.next_token_logprobs(prompt_ids, router, firsts, self.prefix_len(), images)
         end = self.engine.tokenizer.eos_token_id
         continuations = [tokens + ([end] if end is not None else []) for tokens in token_lists]
-        return await self.engine.sequence_logprobs(prompt_ids, router, continuations)
+        return await self.engine.sequence_logprobs(prompt_ids, router, continuations, images)
 
     async def decide(
         self,
@@ -92,7 +94,8 @@ class Router:
         if len(candidates) == 1:
             probabilities = [1.0]
         else:
-            probabilities = softmax(await self.scores(router, candidates, self.prompt_ids(messages)))
+            images = chat_images(router_messages(messages))
+            probabilities = softmax(await self.scores(router, candidates, self.prompt_ids(messages), images))
         best = max(range(len(candidates)), key=lambda i: probabilities[i])
         confidence = probabilities[best]
         use_fallback = confidence < threshold

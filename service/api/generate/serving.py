@@ -13,6 +13,7 @@ from service.api.generate.protocol import GenerateRequest
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import LoramuxError, error_from_exception
 from service.inference import Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
 
 ENDPOINT = "generate"
@@ -23,8 +24,8 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     stop = stop_list(body.stop)
     check_limits(state.settings, body.messages, body.max_tokens, stop)
     params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
-    messages = body.chat()
     param = "prompt" if body.prompt is not None else "messages"
+    messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
     ticket = state.ticket()
     try:
         # routing is a forward pass too: a client that is gone must not keep the engine busy
@@ -34,6 +35,7 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
         ticket.release()
         raise
     request_id = new_request_id("gen")
+    images = chat_images(messages)
     outcome = Outcome()
     route_ms = choice.decision.latency_ms if choice.decision else 0.0
 
@@ -54,7 +56,7 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     if not body.stream:
         try:
             async def run() -> None:
-                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                     pass
 
             await cancel_on_disconnect(request, run())
@@ -65,7 +67,7 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
 
     async def events() -> AsyncIterator[str]:
         try:
-            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                 if delta.text:
                     yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
             yield sse(body_of())

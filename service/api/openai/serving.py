@@ -17,6 +17,7 @@ from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelL
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import BadRequestError, LoramuxError, error_from_exception
 from service.inference import Choice, Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
 
 ENDPOINT = "chat_completions"
@@ -47,7 +48,9 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     stop = stop_list(body.stop)
     check_limits(state.settings, body.messages, max_tokens, stop, max_param)
     params = sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed)
-    messages = [m.as_template_dict() for m in body.messages]
+    messages = await load_chat_images([m.as_template_dict() for m in body.messages], state.settings,
+                                      state.engine.accepts_images)
+    images = chat_images(messages)
     ticket = state.ticket()
     try:
         choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
@@ -65,7 +68,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     if not body.stream:
         try:
             async def run() -> None:
-                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                     pass
 
             await cancel_on_disconnect(request, run())
@@ -104,7 +107,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     async def events() -> AsyncIterator[str]:
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
-            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome):
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                 if delta.text:
                     yield chunk({"content": delta.text}, None)
             yield chunk({}, outcome.finish_reason)

@@ -7,14 +7,16 @@ from starlette.requests import Request
 from service.api.common import check_limits
 from service.api.generate.protocol import PromptOrMessages
 from service.inference import cancel_on_disconnect, route
+from service.multimodal import load_chat_images
 from service.state import ServiceState
 
 
 async def serve_route(state: ServiceState, body: PromptOrMessages, request: Request) -> dict:
     check_limits(state.settings, body.messages, None, ())
+    messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
     ticket = state.ticket()
     try:
-        choice = await cancel_on_disconnect(request, route(state, body.chat()))
+        choice = await cancel_on_disconnect(request, route(state, messages))
     finally:
         ticket.release()
     info = choice.route_info()

@@ -1,0 +1,86 @@
+"""Image inputs for the embedded engine's vision-language base models (Qwen3-VL and its kin).
+
+The chat template leaves one `<|image_pad|>` per image in the prompt. Here each image goes
+through the model's image processor (patches + grid), its placeholder is expanded to the number
+of merged patches the vision tower emits for it, and the multimodal rotary positions (MRoPE:
+time, height, width) of the prompt are computed once. After the prompt a sequence's positions
+advance like plain text, shifted by a constant `rope_delta` (an image's patches occupy fewer
+positions than tokens), which is all the decode loop needs to batch image and text rows together.
+
+The processor is the image processor alone, not `AutoProcessor`: Qwen3-VL's processor insists on
+a video processor that needs torchvision, which the CPU environment does not have (tests/VL_NOTES.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from service.errors import BadRequestError
+
+
+@dataclass
+class VisionPrompt:
+    ids: list[int]  # the prompt with every image placeholder expanded
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    mrope: torch.Tensor  # [3, len(ids)] positions for the rotary embedding
+    rope_delta: int  # position of token i after the prompt: i + rope_delta
+
+
+class VisionInputs:
+    """Turns (prompt ids with one placeholder per image, PIL images) into model inputs."""
+
+    def __init__(self, model_path: Any, config: Any, rope_index: Any):
+        from transformers import AutoImageProcessor
+
+        self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.image_token_id = int(config.image_token_id)
+        self.merge = int(getattr(self.processor, "merge_size", 2))
+        self._rope_index = rope_index  # the model's own MRoPE position function
+
+    def prepare(self, ids: Sequence[int], images: Sequence[Any], dtype: torch.dtype) -> VisionPrompt:
+        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(slots) != len(images):
+            raise BadRequestError(f"the prompt has {len(slots)} image placeholders for {len(images)} images "
+                                  "(does the base model's chat template render image parts?)", param="messages")
+        batch = self.processor(images=list(images), return_tensors="pt")
+        grid = batch["image_grid_thw"]
+        counts = [int(g.prod()) // self.merge**2 for g in grid]
+        expanded: list[int] = []
+        last = 0
+        for slot, count in zip(slots, counts, strict=True):
+            expanded.extend(ids[last:slot])
+            expanded.extend([self.image_token_id] * count)
+            last = slot + 1
+        expanded.extend(ids[last:])
+        input_ids = torch.tensor([expanded])
+        positions, deltas = self._rope_index(input_ids, (input_ids == self.image_token_id).int(), image_grid_thw=grid)
+        return VisionPrompt(expanded, batch["pixel_values"].to(dtype), grid, positions[:, 0], int(deltas.flatten()[0]))
+
+
+def decode_positions(positions: list[int], deltas: list[int]) -> torch.Tensor:
+    """Position ids of one decode step: `[batch, 1]` for text-only batches (unchanged), else
+    `[4, batch, 1]` with each row's MRoPE shifted by its `rope_delta`."""
+    text = torch.tensor(positions).unsqueeze(1)
+    if not any(deltas):
+        return text
+    shifted = (text + torch.tensor(deltas).unsqueeze(1)).unsqueeze(0).repeat(3, 1, 1)
+    return torch.cat([text.unsqueeze(0), shifted], dim=0)
+
+
+def mrope_positions(text_positions: torch.Tensor, mropes: list[torch.Tensor | None]) -> torch.Tensor:
+    """Position ids of a left-padded batch for a Qwen-VL forward: `[4, batch, length]`, the text
+    positions (masking, cache) first, then the three MRoPE rows. Text-only rows use their text
+    position three times, which is what the model does for text; image rows their own MRoPE,
+    right-aligned like their tokens."""
+    rows = text_positions.unsqueeze(0).repeat(3, 1, 1)
+    length = text_positions.shape[1]
+    for row, mrope in enumerate(mropes):
+        if mrope is not None:
+            n = min(length, mrope.shape[1])
+            rows[:, row, length - n:] = mrope[:, mrope.shape[1] - n:]
+    return torch.cat([text_positions.unsqueeze(0), rows], dim=0)
