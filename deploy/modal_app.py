@@ -29,6 +29,8 @@ Commands (see deploy/README.md):
     modal run deploy/modal_app.py::train --kind router --dataset datasets/routing --run-name router-v2
     modal run deploy/modal_app.py::eval --kind router --dataset datasets/routing --adapter runs/router-v2/final
     modal run deploy/modal_app.py::register --kind router --name router --path runs/router-v2/final
+    modal run deploy/modal_app.py::onboard --name robots --dataset robots.jsonl --train --no-promote
+    modal run deploy/modal_app.py::router --action promote
     modal run deploy/modal_app.py::smoke
 """
 
@@ -473,6 +475,66 @@ def remote_register(
     return {"name": version.name, "kind": version.kind, **version.to_json()}
 
 
+@app.function(**TRAINING, gpu=CONFIG.training_gpu, timeout=CONFIG.train_timeout)
+def remote_onboard(
+    name: str,
+    dataset: str,
+    adapter: str | None = None,
+    train: bool = False,
+    upload: bytes | None = None,
+    router: str | None = None,
+    floor: float | None = None,
+    margin: float | None = None,
+    promote: bool = True,
+    expert_steps: int = 40,
+    router_steps: int = 80,
+    eval_limit: int | None = None,
+) -> dict[str, Any]:
+    """`loramux onboard` on a GPU: register the expert (trained first with `train`), retrain the router on the
+    registered experts' datasets, gate it, promote it or leave it a candidate that serving containers shadow.
+    The adapters volume is committed before the registry, so no container sees a version without its files."""
+    from service.settings import Settings
+    from training.onboard import onboard, step_options
+
+    reload(adapters_volume, registry_volume)
+    settings = Settings()
+    if upload is not None:
+        data = settings.adapter_root / "datasets" / "uploads" / f"{name}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_bytes(upload)
+    else:
+        data = _inside(dataset, settings)
+    expert_options, router_options = step_options(expert_steps, router_steps)
+    result = onboard(name, data, _inside(adapter, settings) if adapter else None, train, settings,
+                     router_name=router, floor=floor, margin=margin, promote=promote, eval_limit=eval_limit,
+                     expert_options=expert_options, router_options=router_options)
+    commit(adapters_volume, models_volume, registry_volume)
+    return {**result.to_json(), "routing_dataset": _relative(result.routing_dataset, settings),
+            "report_path": _relative(result.report_path, settings)}
+
+
+@app.function(**TRAINING, cpu=1.0, memory=2048, timeout=5 * MINUTES)
+def remote_router(action: str, name: str | None = None, version: int | None = None) -> dict[str, Any]:
+    """`loramux router promote|rollback|status` on the shared registry volume; serving containers switch
+    routers between requests within LORAMUX_MODAL_VOLUME_RELOAD_S."""
+    from service.registry import Registry
+    from service.settings import Settings
+
+    reload(registry_volume)
+    registry = Registry(Settings().registry)
+    if action == "promote":
+        registry.promote_router(name, version)
+    elif action == "rollback":
+        registry.rollback_router(name)
+    elif action != "status":
+        raise ValueError(f"action must be promote, rollback or status, not {action!r}")
+    if action != "status":
+        commit(registry_volume)
+    entry = registry.load().entries[registry.router_name(name)]
+    return {"router": entry.name, "active_version": entry.active_version,
+            "versions": [{"version": v.version, "status": v.status, "labels": list(v.labels)} for v in entry.versions]}
+
+
 # ---- local entrypoints: `modal run deploy/modal_app.py::<step>` -------------------------------------------
 
 
@@ -572,6 +634,37 @@ def register(
 ) -> None:
     """Validated, versioned registration (`loramux register`); the live service loads it without a restart."""
     _print(remote_register.remote(kind, name, path, description, _split(labels) or None, activate))
+
+
+@app.local_entrypoint()
+def onboard(
+    name: str,
+    dataset: str,
+    adapter: str = "",
+    train: bool = False,
+    router: str = "",
+    floor: float | None = None,
+    margin: float | None = None,
+    promote: bool = True,
+    expert_steps: int = 40,
+    router_steps: int = 80,
+    eval_limit: int | None = None,
+) -> None:
+    """Add an expert to the live service (`loramux onboard`): `--dataset` is uploaded when it is a file on this
+    machine, otherwise a path on the adapters volume."""
+    local = Path(dataset).expanduser()
+    upload = local.read_bytes() if local.is_file() else None
+    result = remote_onboard.remote(name, dataset, adapter or None, train, upload, router or None, floor, margin,
+                                   promote, expert_steps, router_steps, eval_limit)
+    _print(result)
+    if not result["gate"]["passed"]:
+        raise SystemExit(3)
+
+
+@app.local_entrypoint(name="router")
+def router_versions(action: str = "status", name: str = "", version: int | None = None) -> None:
+    """`--action promote|rollback|status` on the shared registry (`loramux router ...`)."""
+    _print(remote_router.remote(action, name or None, version))
 
 
 # ---- smoke test of a deployed service ---------------------------------------------------------------------

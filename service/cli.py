@@ -79,15 +79,10 @@ router_app = typer.Typer(help="Router versions: promote a candidate, roll back, 
 app.add_typer(router_app, name="router")
 
 
-def _active_router_name(registry_path: Path | None, name: str | None) -> tuple[Any, str]:
+def _registry(path: Path | None) -> Any:
     from service.registry import Registry
 
-    registry = Registry(registry_path or Settings().registry)
-    snap = registry.load()
-    router = snap.router(name)
-    if router is None:
-        raise typer.BadParameter(f"no router {'named ' + repr(name) if name else 'is registered'}")
-    return registry, router.name
+    return Registry(path or Settings().registry)
 
 
 @router_app.command("promote")
@@ -97,15 +92,8 @@ def router_promote(
     registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
 ) -> None:
     """Atomically make a router version active; the running service switches between requests."""
-    reg, router_name = _active_router_name(registry, name)
-    entry = reg.load().entries[router_name]
-    if version is None:
-        candidates = [v.version for v in entry.versions if v.status == "candidate"]
-        if not candidates:
-            raise typer.BadParameter(f"router {router_name!r} has no candidate version")
-        version = max(candidates)
-    active = reg.activate(router_name, version)
-    typer.echo(f"router {router_name!r}: version {active.version} is active")
+    active = _registry_call(lambda: _registry(registry).promote_router(name, version))
+    typer.echo(f"router {active.name!r}: version {active.version} is active")
 
 
 @router_app.command("rollback")
@@ -114,9 +102,18 @@ def router_rollback(
     registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
 ) -> None:
     """Re-activate the router version before the active one."""
-    reg, router_name = _active_router_name(registry, name)
-    active = reg.activate(router_name, None)
-    typer.echo(f"router {router_name!r}: rolled back to version {active.version}")
+    active = _registry_call(lambda: _registry(registry).rollback_router(name))
+    typer.echo(f"router {active.name!r}: rolled back to version {active.version}")
+
+
+def _registry_call(fn: Any) -> Any:
+    """Registry refusals (no router, no candidate, nothing to roll back to) as a usage error, not a traceback."""
+    from service.errors import LoramuxError
+
+    try:
+        return fn()
+    except LoramuxError as exc:
+        raise typer.BadParameter(exc.message) from None
 
 
 @router_app.command("status")
@@ -124,7 +121,8 @@ def router_status(
     registry: Annotated[Path | None, typer.Option(help="registry file (default: LORAMUX_REGISTRY)")] = None,
 ) -> None:
     """Routers, their versions, labels and which one is active."""
-    reg, router_name = _active_router_name(registry, None)
+    reg = _registry(registry)
+    router_name = _registry_call(reg.router_name)
     entry = reg.load().entries[router_name]
     for v in entry.versions:
         mark = "*" if v.version == entry.active_version else " "

@@ -274,6 +274,27 @@ class Registry:
             self._write(RegistrySnapshot(entries, router))
             return replace(target, status="active")
 
+    def router_name(self, name: str | None = None) -> str:
+        """The named router, or the active one; 404 when there is none."""
+        router = self.load().router(name)
+        if router is None:
+            raise AdapterNotFoundError(f"no router {'named ' + repr(name) if name else 'is registered'}", "name")
+        return router.name
+
+    def promote_router(self, name: str | None = None, version: int | None = None) -> AdapterVersion:
+        """Activate a router version, by default its newest candidate (`loramux router promote`, Modal)."""
+        router = self.router_name(name)
+        if version is None:
+            candidates = [v.version for v in self.load().entries[router].versions if v.status == "candidate"]
+            if not candidates:
+                raise ConflictError(f"router {router!r} has no candidate version", "version")
+            version = max(candidates)
+        return self.activate(router, version)
+
+    def rollback_router(self, name: str | None = None) -> AdapterVersion:
+        """Re-activate the router version before the active one."""
+        return self.activate(self.router_name(name), None)
+
     def set_status(self, name: str, version: int, status: Status) -> AdapterVersion:
         """Mark a non-active version (e.g. a candidate refused by the evaluation gate)."""
         with self._lock:

@@ -42,8 +42,9 @@ DOCKERFILE = PROJECT_ROOT / "deploy" / "Dockerfile"
 # `.local()` warns that volumes are not mounted: here they are plain folders on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally:UserWarning")
 
-REMOTE_FUNCTIONS = ("remote_dataset", "remote_train", "remote_eval", "remote_register")
-ENTRYPOINTS = ("dataset", "train", "eval", "register", "smoke")
+REMOTE_FUNCTIONS = ("remote_dataset", "remote_train", "remote_eval", "remote_register", "remote_onboard",
+                    "remote_router")
+ENTRYPOINTS = ("dataset", "train", "eval", "register", "onboard", "router", "smoke")
 
 
 def impl(obj: Any) -> Any:
@@ -286,6 +287,8 @@ def test_training_functions_import_what_the_cli_calls() -> None:
         "remote_eval": (cli.eval_command, {("training.reports", "write_report"), ("training.reports", "report_text")}),
         "remote_register": (cli.register_command, {("training.register", "register_adapter"),
                                                    ("training.register", "RegistryContext")}),
+        "remote_onboard": (cli.onboard_command, {("training.onboard", "onboard"),
+                                                 ("training.onboard", "step_options")}),
     }
     for name, (command, shared) in pairs.items():
         raw = impl(getattr(modal_app, name))._raw_f
@@ -390,6 +393,52 @@ def test_remote_register_commits_the_registry(monkeypatch: pytest.MonkeyPatch, v
     assert log == ["reload adapters", "reload registry", "commit registry", "commit models"]
 
 
+def test_remote_onboard_runs_onboard_and_commits_adapters_before_the_registry(monkeypatch: pytest.MonkeyPatch,
+                                                                              volume_root: Any) -> None:
+    import training.onboard as onboard_module
+
+    root, log = volume_root
+    seen: list[Any] = []
+
+    def fake_onboard(name: str, dataset: Path, adapter: Any, train: bool, settings: Settings, **kwargs: Any) -> Any:
+        seen.append((name, dataset, adapter, train, settings, kwargs))
+        return SimpleNamespace(routing_dataset=root / "datasets" / "onboard_x" / "routing",
+                               report_path=root / "datasets" / "onboard_x" / "onboard_report.json",
+                               to_json=lambda: {"expert": name, "gate": {"passed": True}})
+
+    monkeypatch.setattr(onboard_module, "onboard", fake_onboard)
+    result = modal_app.remote_onboard.local("robots", "ignored", train=True, upload=b'{"messages": []}\n',
+                                            promote=False, expert_steps=3, router_steps=5)
+    name, dataset, adapter, train, settings, kwargs = seen[0]
+    assert (name, adapter, train, settings.adapter_root) == ("robots", None, True, root)
+    assert dataset == root / "datasets" / "uploads" / "robots.jsonl" and dataset.read_bytes() == b'{"messages": []}\n'
+    assert kwargs["promote"] is False and kwargs["expert_options"]["max_steps"] == 3
+    assert kwargs["router_options"]["max_steps"] == 5
+    assert result["routing_dataset"] == "datasets/onboard_x/routing" and result["gate"] == {"passed": True}
+    assert log == ["reload adapters", "reload registry", "commit adapters", "commit models", "commit registry"]
+
+
+def test_remote_router_promotes_and_rolls_back_on_the_registry_volume(volume_root: Any) -> None:
+    from service.registry import AdapterVersion, Registry
+
+    root, log = volume_root
+    registry = Registry(root / "registry" / "loras.json")
+
+    def version(path: str) -> AdapterVersion:
+        return AdapterVersion(name="router", kind="router", version=0, path=path, base_model="b",
+                              base_model_sha256="", created="", sha256="", labels=("a", "b"))
+
+    registry.add_version(version("r1"))
+    registry.add_version(version("r2"), activate=False)
+    assert modal_app.remote_router.local("status")["active_version"] == 1
+    promoted = modal_app.remote_router.local("promote")
+    assert promoted["active_version"] == 2 and registry.load().router().path == "r2"
+    assert modal_app.remote_router.local("rollback")["active_version"] == 1
+    assert log == ["reload registry", "reload registry", "commit registry", "reload registry", "commit registry"]
+    with pytest.raises(ValueError, match="promote, rollback or status"):
+        modal_app.remote_router.local("delete")
+
+
 # ---- local entrypoints -------------------------------------------------------------------------------------
 
 
@@ -400,6 +449,8 @@ def test_local_entrypoints_parse_their_command_lines() -> None:
         "train": ["--kind", "router", "--dataset", "datasets/r", "--run-name", "r2", "--rank", "8", "--no-resume"],
         "eval": ["--kind", "task", "--dataset", "d", "--name", "lights", "--limit", "20", "--as-json"],
         "register": ["--kind", "task", "--name", "lights", "--path", "runs/l/final", "--no-activate"],
+        "onboard": ["--name", "robots", "--dataset", "robots.jsonl", "--train", "--no-promote"],
+        "router": ["--action", "promote", "--version", "3"],
         "smoke": ["--url", "https://example.invalid"],
     }
     for name, args in argv.items():

@@ -88,3 +88,6 @@ def test_router_promote_and_rollback_cli(tmp_path: Path):
     assert cli("rollback").returncode == 0
     assert reg.load().router().path == "r1"
     assert cli("promote", "--version", "9").returncode != 0
+    refused = cli("promote")  # the candidate was activated and retired: nothing left to promote
+    assert refused.returncode == 2 and "has no candidate version" in refused.stderr
+    assert "Traceback" not in refused.stderr

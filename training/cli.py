@@ -351,12 +351,12 @@ def onboard_command(
     = None,
 ) -> None:
     """Add an expert to the live service: register it, retrain the router, gate it, promote it."""
-    from training.onboard import onboard
+    from training.onboard import onboard, step_options
 
+    expert_options, router_options = step_options(expert_steps, router_steps)
     result = onboard(name, dataset, adapter, train, _settings(), router_name=router, floor=floor, margin=margin,
-                     promote=promote, eval_limit=eval_limit,
-                     expert_options={"max_steps": expert_steps, "batch_size": 8, "progress": False},
-                     router_options={"max_steps": router_steps, "batch_size": 16, "progress": False})
+                     promote=promote, eval_limit=eval_limit, expert_options=expert_options,
+                     router_options=router_options)
     typer.echo(f"expert {result.expert} version {result.expert_version} registered")
     verdict = "promoted" if result.promoted else ("passed the gate (candidate)" if result.gate.passed
                                                   else "refused by the gate")

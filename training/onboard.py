@@ -101,6 +101,12 @@ def expert_sources(settings: Settings, scratch: Path) -> dict[str, Path]:
     return sources
 
 
+def step_options(expert_steps: int, router_steps: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The expert's and the router's training options for `onboard` (the CLI's and Modal's)."""
+    return ({"max_steps": expert_steps, "batch_size": 8, "progress": False},
+            {"max_steps": router_steps, "batch_size": 16, "progress": False})
+
+
 def onboard(
     name: str,
     dataset: Path,
