@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs / compilation")
+    tower_lora: bool = Field(False, description="vLLM, vision-language models: also apply adapters' LoRA "
+                             "weights on the vision tower and connector (else language model only)")
 
     @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod

@@ -294,3 +294,11 @@ def test_http_text_only_chat_on_the_vl_model(client: Any) -> None:
     completion = client.chat.completions.create(model="photos", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=3, temperature=0)
     assert completion.model == "photos" and completion.choices[0].message.content
+
+
+def test_tower_lora_is_a_setting_for_vision_language_models(tiny_vl: Path, tmp_path: Path) -> None:
+    """vLLM puts LoRA on the language model only unless told; the setting tells it (no engine start)."""
+    base = resolve_base_model(str(tiny_vl), tmp_path)
+    for wanted in (False, True):
+        engine = VLLMEngine(Settings(cache_dir=tmp_path, tower_lora=wanted, **ENGINE_SETTINGS), base)
+        assert engine.engine_args().enable_tower_connector_lora is wanted

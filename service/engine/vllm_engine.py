@@ -200,6 +200,9 @@ class VLLMEngine(Engine):
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         if self._vision:
             kwargs["limit_mm_per_prompt"] = {"image": s.max_images, "video": 0}
+            # the embedded engine (peft) applies every module an adapter targets; vLLM only the language
+            # model's unless told: an adapter with tower/connector weights needs LORAMUX_TOWER_LORA
+            kwargs["enable_tower_connector_lora"] = s.tower_lora
         return AsyncEngineArgs(
             model=str(self.base.path),
             tokenizer=str(self.base.path),
