@@ -13,9 +13,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from service.base_model import BaseModelInfo, sha256_file
+from service.base_model import BaseModelInfo, model_class, sha256_file
 from service.errors import AdapterValidationError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -140,18 +139,6 @@ def base_module_names(base: BaseModelInfo) -> set[str]:
     with torch.device("meta"):
         model = model_class(config).from_config(config)
     return module_names(model)
-
-
-def is_vision_language(config: object) -> bool:
-    """A vision-language model (Qwen3-VL and the like) has a vision tower config beside its text one."""
-    return getattr(config, "vision_config", None) is not None
-
-
-def model_class(config: object) -> Any:
-    """The transformers auto class that builds this base model with its language-model head."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
 
 
 def _read_config(folder: Path) -> dict:

@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -151,6 +152,25 @@ def resolve_base_model(base_model: str, cache_dir: Path, name: str | None = None
     repo, _, revision = base_model.partition("@")
     path = Path(snapshot_download(repo, revision=revision or None, cache_dir=str(cache_dir / "hub")))
     return BaseModelInfo(name or repo, path, _cached_weights_sha(path, cache_dir))
+
+
+def is_vision_language(config: object) -> bool:
+    """A vision-language model (Qwen3-VL and the like) has a vision tower config beside its text one."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def model_class(config: object) -> Any:
+    """The transformers auto class that builds this base model with its language-model head."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_language(config) else AutoModelForCausalLM
+
+
+def load_base_model(path: Path, dtype: Any) -> Any:
+    """The base model's weights with its language-model head (serving and training load the same)."""
+    from transformers import AutoConfig
+
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=dtype)
 
 
 def _declared_name(folder: Path) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from service.errors import BadRequestError, PayloadTooLargeError
+from service.prompts import is_image_part
 from service.settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp")
@@ -39,7 +40,7 @@ def image_parts(messages: list[dict[str, Any]]) -> list[tuple[int, int, dict[str
 def chat_images(messages: list[dict[str, Any]]) -> list[Any]:
     """The decoded images of a chat, in template order."""
     return [part["image"] for message in messages if isinstance(message.get("content"), list)
-            for part in message["content"] if isinstance(part, dict) and part.get("type") == "image"]
+            for part in message["content"] if is_image_part(part)]
 
 
 async def load_chat_images(messages: list[dict[str, Any]], settings: Settings,

@@ -24,14 +24,19 @@ def message_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def is_image_part(part: Any) -> bool:
+    """An image content part as chat templates see it: `{"type": "image", "image": <image or path>}`."""
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
 def router_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The router sees its own system prompt and the conversation's last user turn: its text, and
     its images when it has any (a screenshot can decide the expert as much as the words)."""
     user_turns = [m for m in messages if m.get("role") == "user"]
     content = user_turns[-1]["content"] if user_turns else ""
     last: Any = message_text(content)
-    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
-        last = [p for p in content if isinstance(p, dict) and p.get("type") in ("image", "text")]
+    if isinstance(content, list) and any(is_image_part(p) for p in content):
+        last = [p for p in content if is_image_part(p) or (isinstance(p, dict) and p.get("type") == "text")]
     return [
         {"role": "system", "content": ROUTER_SYSTEM_PROMPT},
         {"role": "user", "content": last},

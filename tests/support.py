@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +112,21 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+class EngineLoop:
+    """Engines started on one event loop by a test module, shut down once: a module releases them
+    before it starts a server, so two engines never share the 2 cores."""
+
+    def __init__(self, loop: Any, engines: Sequence[Any], refs: dict[str, Any]):
+        self.loop, self.engines, self.refs = loop, list(engines), refs
+        self.released = False
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            for engine in self.engines:
+                self.run(engine.shutdown())

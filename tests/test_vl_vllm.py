@@ -30,6 +30,7 @@ from service.engine.base import AdapterRef, SamplingParams, TokenDelta  # noqa: 
 from service.engine.vllm_engine import VLLMEngine  # noqa: E402
 from service.errors import BadRequestError  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from tests.support import EngineLoop  # noqa: E402
 from tests.vl_support import build_tiny_qwen3_vl, image_data_url, make_vl_lora_adapter, sample_image  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -61,20 +62,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> VLWorld:
     return VLWorld(root, resolve_base_model(str(model), root / "cache"), adapters)
 
 
-class EngineHolder:
+class EngineHolder(EngineLoop):
     """The module's in-process engine and its loop; released before the server starts (2 cores)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, engine: VLLMEngine, refs: dict[str, AdapterRef]):
-        self.loop, self.engine, self.refs = loop, engine, refs
-        self.released = False
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.run(self.engine.shutdown())
+        super().__init__(loop, (engine,), refs)
+        self.engine = engine
 
 
 _HOLDERS: list[EngineHolder] = []

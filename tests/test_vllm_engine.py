@@ -29,6 +29,7 @@ from service.errors import EngineError  # noqa: E402
 from service.routing.router import Router  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import CACHE_DIR, TASK_ADAPTERS  # noqa: E402
+from tests.support import EngineLoop  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -43,22 +44,13 @@ NAMES: tuple[str | None, ...] = (None, *TASK_ADAPTERS)
 ENGINE_SETTINGS = {"max_model_len": 512, "max_lora_rank": 8, "max_loras": 4, "max_batch_size": 32}
 
 
-class Engines:
-    """The module's engines and event loop; the vLLM one can be released before the server starts."""
+class Engines(EngineLoop):
+    """The module's vLLM and embedded engines; released before the server starts."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, vllm: VLLMEngine, hf: EmbeddedEngine,
                  refs: dict[str, AdapterRef]):
-        self.loop, self.vllm, self.hf, self.refs = loop, vllm, hf, refs
-        self.released = False
-
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(coro)
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.run(self.vllm.shutdown())
-            self.run(self.hf.shutdown())
+        super().__init__(loop, (vllm, hf), refs)
+        self.vllm, self.hf = vllm, hf
 
 
 _ENGINES: list[Engines] = []

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.prompts import message_text
+from service.multimodal import chat_images
+from service.prompts import is_image_part, message_text
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -77,19 +78,13 @@ def normalize_text(text: str) -> str:
 IMAGE_MARKER = "<image>"
 
 
-def image_paths(messages: list[dict[str, Any]]) -> list[str]:
-    """Paths of the image parts of a chat, in order."""
-    return [str(part["image"]) for m in messages if isinstance(m.get("content"), list)
-            for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"]
-
-
 def chat_key(messages: list[dict[str, Any]]) -> str:
     """The key under which two requests count as identical for deduplication and leakage checks:
     the last user turn's folded text and its images' content hashes. Two screenshots under the
     same words are different examples (a router may have to tell them apart by the image alone)."""
     users = [m for m in messages if m.get("role") == "user"]
     key = normalize_text(last_user_text(messages))
-    digests = [_file_digest(p) for p in image_paths(users[-1:])]
+    digests = [_file_digest(str(p)) for p in chat_images(users[-1:])]
     return key + ("|" + ",".join(digests) if digests else "")
 
 
@@ -102,19 +97,19 @@ def load_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The chat with each image part's path replaced by the decoded RGB image (what engines take)."""
     from PIL import Image
 
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
-            parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str):
-                    with Image.open(part["image"]) as image:
-                        part = {"type": "image", "image": image.convert("RGB")}
-                parts.append(part)
-            message = {**message, "content": parts}
-        out.append(message)
-    return out
+    def decoded(part: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(part.get("image"), str):
+            return part
+        with Image.open(part["image"]) as image:
+            return {"type": "image", "image": image.convert("RGB")}
+
+    return _map_image_parts(messages, decoded)
+
+
+def _map_image_parts(messages: list[dict[str, Any]], fn: Any) -> list[dict[str, Any]]:
+    """The chat with `fn(part)` in place of every image part; everything else as it was."""
+    return [{**m, "content": [fn(p) if is_image_part(p) else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
 
 
 def _resolve_images(data: dict[str, Any], messages: list[dict[str, Any]], path: Path, line: int
@@ -126,18 +121,7 @@ def _resolve_images(data: dict[str, Any], messages: list[dict[str, Any]], path: 
         if not isinstance(seed, list) or not all(isinstance(p, str) for p in seed):
             raise DatasetError(path, line, "'image' must be a path, 'images' a list of paths")
         messages = _place_seed_images(messages, list(seed), path, line)
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image":
-                    part = {**part, "image": _checked_image(part.get("image"), path, line)}
-                parts.append(part)
-            message = {**message, "content": parts}
-        out.append(message)
-    return out
+    return _map_image_parts(messages, lambda part: {**part, "image": _checked_image(part.get("image"), path, line)})
 
 
 def _place_seed_images(messages: list[dict[str, Any]], images: list[str], path: Path, line: int

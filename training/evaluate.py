@@ -26,7 +26,7 @@ from service.adapter_validation import detect_final
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.engine.base import AdapterRef, Engine, SamplingParams
 from service.multimodal import chat_images
-from service.prompts import message_text, router_messages
+from service.prompts import message_text
 from service.settings import Settings
 from training import metrics as m
 from training.chats import ChatRecord, DatasetError, load_images
@@ -151,9 +151,8 @@ async def evaluate_router_async(
     chats = [load_images(r.messages) for r in records]  # image parts: paths -> decoded images
     for messages in chats:
         decisions.append(await router.decide(ref, labels, messages))
-    prompts = [router.prompt_ids(messages) for messages in chats]
-    images = [chat_images(router_messages(messages)) for messages in chats]
-    free_text = await _generate_all(session.engine, prompts, ref, max_tokens=8, images=images)
+    prompts, images = zip(*(router.prompt(messages) for messages in chats), strict=True)
+    free_text = await _generate_all(session.engine, list(prompts), ref, max_tokens=8, images=images)
     free = [t.strip() for t in free_text]
 
     predicted = [d.top for d in decisions]

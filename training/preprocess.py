@@ -106,11 +106,9 @@ def _with_images(vision: Any, messages: Sequence[dict[str, Any]], prompt: list[i
         length = len(prompt) + len(answer)
         return Tokenized([*prompt, *answer], [IGNORE] * len(prompt) + answer, label, [list(range(length))] * 4)
     expanded = vision.prepare(prompt, images, torch.float32)
-    n = len(expanded.ids)
-    tail = [n + i + expanded.rope_delta for i in range(len(answer))]
-    mrope = [row + tail for row in expanded.mrope.tolist()]
-    return Tokenized([*expanded.ids, *answer], [IGNORE] * n + answer, label,
-                     [list(range(n + len(answer))), *mrope], expanded.pixel_values, expanded.image_grid_thw)
+    whole = expanded.with_tail(answer)
+    return Tokenized(whole.ids, [IGNORE] * len(expanded.ids) + answer, label,
+                     [list(range(len(whole.ids))), *whole.mrope.tolist()], whole.pixel_values, whole.image_grid_thw)
 
 
 def tokenize_records(

@@ -151,10 +151,10 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     """Train one LoRA adapter and write `runs/<run_name>/final/`; see the module docstring."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig
 
-    from service.adapter_validation import is_vision_language, model_class
+    from service.base_model import load_base_model
     from service.engine.vision import VisionInputs
 
     started = time.perf_counter()
@@ -185,11 +185,9 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     torch.manual_seed(config.seed)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    model_config = AutoConfig.from_pretrained(base.path)
-    model = model_class(model_config).from_pretrained(base.path, dtype=dtype)
+    model = load_base_model(base.path, dtype)
     # vision-language base: chats are expanded with the serving engine's image code (same positions)
-    vision = VisionInputs(base.path, model.config, model.model.get_rope_index) if is_vision_language(
-        model_config) else None
+    vision = VisionInputs.for_model(base.path, model)
 
     train_items, report = tokenize_records(tokenizer, splits.train, config.max_length, label_of, vision)
     if not train_items:

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from service.adapter_validation import is_vision_language, model_class, module_names
-from service.base_model import BaseModelInfo
+from service.adapter_validation import module_names
+from service.base_model import BaseModelInfo, load_base_model
 from service.engine import kv_batch
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
@@ -95,16 +95,13 @@ class EmbeddedEngine(Engine):
         self._thread.start()
 
     def _load(self) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.base.path)
-        dtype = DTYPES[self.settings.dtype]
-        config = AutoConfig.from_pretrained(self.base.path)
-        model = model_class(config).from_pretrained(self.base.path, dtype=dtype)
+        model = load_base_model(self.base.path, DTYPES[self.settings.dtype])
         model.eval()
         self._model = model
-        if is_vision_language(config):
-            self._vision = VisionInputs(self.base.path, model.config, model.model.get_rope_index)
+        self._vision = VisionInputs.for_model(self.base.path, model)
         self._module_names = module_names(model)
         gen_eos = model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -279,7 +276,8 @@ class EmbeddedEngine(Engine):
         def run() -> list[float]:
             name = self._adapter_name(adapter)
             if images:  # no prefix cache: the prompt's positions depend on its images
-                logits = self._forward_single(list(prompt_ids), name, images, keep=1)[0][-1]
+                vision = self._prepare_images(prompt_ids, images)
+                logits = self._forward_single(vision.ids, name, vision, keep=1)[-1]
             else:
                 logits = self._last_logits(list(prompt_ids), name, prefix_len)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -322,26 +320,26 @@ class EmbeddedEngine(Engine):
     ) -> list[float]:
         def run() -> list[float]:
             name = self._adapter_name(adapter)
+            # the images are processed once; each continuation is a text tail of the expanded prompt
+            vision = self._prepare_images(prompt_ids, images) if images else None
+            start = len(vision.ids) if vision else len(prompt_ids)
             scores = []
             for cont in continuations:
-                logits, length = self._forward_single(list(prompt_ids) + list(cont), name, images)
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                start = length - len(cont)  # images expand the prompt; the continuation is its tail
+                whole = vision.with_tail(cont) if vision else None
+                ids = whole.ids if whole else [*prompt_ids, *cont]
+                logprobs = torch.log_softmax(self._forward_single(ids, name, whole).float(), dim=-1)
                 scores.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(cont))))
             return scores
 
         return await self._call(run)
 
-    def _forward_single(self, ids: list[int], adapter: str, images: Sequence[Any] = (),
-                        keep: int = 0) -> tuple[torch.Tensor, int]:
-        """Logits of one sequence (the last `keep` positions, or all), and its length with images expanded."""
+    def _forward_single(self, ids: list[int], adapter: str, vision: VisionPrompt | None = None,
+                        keep: int = 0) -> torch.Tensor:
+        """Logits of one sequence (the last `keep` positions, or all); `vision` holds its images."""
         kwargs = self._adapter_kwargs([adapter])
-        if images:
-            vision = self._prepare_images(ids, images)
-            ids = vision.ids
+        if vision is not None:
             kwargs |= self._vision_kwargs([vision], torch.arange(len(ids)).unsqueeze(0))
-        out = self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=keep, **kwargs)
-        return out.logits[0], len(ids)
+        return self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=keep, **kwargs).logits[0]
 
     # ---- worker thread ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:

@@ -14,11 +14,13 @@ a video processor that needs torchvision, which the CPU environment does not hav
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.base_model import is_vision_language
 from service.errors import BadRequestError
 
 
@@ -30,9 +32,21 @@ class VisionPrompt:
     mrope: torch.Tensor  # [3, len(ids)] positions for the rotary embedding
     rope_delta: int  # position of token i after the prompt: i + rope_delta
 
+    def with_tail(self, tokens: Sequence[int]) -> VisionPrompt:
+        """This prompt followed by plain-text tokens (an answer, a candidate name): they take the next
+        positions on all three MRoPE rows, shifted by `rope_delta`, as generated tokens do."""
+        start = len(self.ids)
+        tail = (torch.arange(start, start + len(tokens)) + self.rope_delta).expand(3, -1)
+        return replace(self, ids=[*self.ids, *tokens], mrope=torch.cat([self.mrope, tail], dim=1))
+
 
 class VisionInputs:
     """Turns (prompt ids with one placeholder per image, PIL images) into model inputs."""
+
+    @classmethod
+    def for_model(cls, model_path: Path, model: Any) -> VisionInputs | None:
+        """The image inputs of a loaded base model; None for a text-only model."""
+        return cls(model_path, model.config, model.model.get_rope_index) if is_vision_language(model.config) else None
 
     def __init__(self, model_path: Any, config: Any, rope_index: Any):
         from transformers import AutoImageProcessor

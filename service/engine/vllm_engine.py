@@ -49,8 +49,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.adapter_validation import is_vision_language
-from service.base_model import BaseModelInfo
+from service.base_model import BaseModelInfo, is_vision_language
 from service.engine import vl_cpu_shim
 from service.engine.base import AdapterRef, Engine, FinishReason, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream

@@ -46,10 +46,15 @@ class Router:
         self._name_tokens: dict[str, list[int]] = {}
         self._prefix_len: int | None = None
 
+    def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
+        """The router's prompt: its token ids, and the images its placeholders stand for."""
+        routed = router_messages(messages)
+        ids = self.engine.tokenizer.apply_chat_template(routed, add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)
+        return ids, chat_images(routed)
+
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.engine.tokenizer.apply_chat_template(
-            router_messages(messages), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        return self.prompt(messages)[0]
 
     def prefix_len(self) -> int:
         """Tokens every router prompt starts with (template + system prompt), found once by
@@ -94,8 +99,7 @@ class Router:
         if len(candidates) == 1:
             probabilities = [1.0]
         else:
-            images = chat_images(router_messages(messages))
-            probabilities = softmax(await self.scores(router, candidates, self.prompt_ids(messages), images))
+            probabilities = softmax(await self.scores(router, candidates, *self.prompt(messages)))
         best = max(range(len(candidates)), key=lambda i: probabilities[i])
         confidence = probabilities[best]
         use_fallback = confidence < threshold
