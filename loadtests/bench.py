@@ -5,7 +5,10 @@ Serving core: 16 concurrent requests of 32 new tokens spread over 3 adapters, th
 HTTP service, next to (a) the seed approach (one request at a time, `PeftModel.set_adapter`) and
 (b) the bare base model batched with `generate`. Routing: /route next to a 1-token generation of
 the same prompt, and `model="auto"` next to the same request pinned to the chosen adapter, at
-concurrency 1 and 16. vLLM figures join with `--engine vllm` (or `all`) when vLLM is installed.
+concurrency 1 and 16; and /route over a 1-token generation for three label sets (names with
+distinct first tokens, names sharing their first tokens, 64 adapters), each on a server of its own,
+since a decision must cost about one prefill whatever the adapters are called. vLLM figures join
+with `--engine vllm` (or `all`) when vLLM is installed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ PROMPTS = [
 ]
 CONCURRENCY = 16
 NEW_TOKENS = 32
+LABEL_SETS = {
+    "distinct": ADAPTERS,
+    "shared": ("weather-today", "weather-week", "weather-month", "weather-alerts"),
+    "many": tuple(f"expert-{i:02d}" for i in range(64)),
+}
 
 
 def jobs() -> list[tuple[str, str]]:
@@ -104,6 +112,54 @@ async def service_throughput(url: str) -> float:
         return sum(tokens) / (time.perf_counter() - started)
 
 
+async def route_over_generation(client: httpx.AsyncClient, rounds: int) -> tuple[list[float], list[float]]:
+    """/route and a 1-token generation with the chosen adapter, for the same prompts, in turn."""
+    route_ms, gen1_ms = [], []
+    for i in range(rounds + 1):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        started = time.perf_counter()
+        r = await client.post("/route", json={"prompt": prompt})
+        r.raise_for_status()
+        routed = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        g = await client.post("/generate", json={"prompt": prompt, "adapter": r.json()["adapter"], "max_tokens": 1})
+        g.raise_for_status()
+        if i:  # the first round warms the router's prefix cache and the adapters up
+            route_ms.append(routed)
+            gen1_ms.append((time.perf_counter() - started) * 1000)
+    return route_ms, gen1_ms
+
+
+def label_set_latency(base: BaseModelInfo, root: Path, engine: str, rounds: int = 12) -> dict[str, float]:
+    """/route over a 1-token generation for each of LABEL_SETS (the same three adapter folders
+    registered under every name), one server per set."""
+    from tests.support import ServerProcess
+
+    out: dict[str, float] = {}
+    for label_set, names in LABEL_SETS.items():
+        registry = root / f"loras-{engine}-{label_set}.json"
+        settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
+        for i, name in enumerate(names):
+            register_adapter(settings, base, "task", name, root / ADAPTERS[i % len(ADAPTERS)])
+        register_adapter(settings, base, "router", "router", root / "router", labels=names)
+        env = {"LORAMUX_REGISTRY": str(registry), "LORAMUX_ADAPTER_ROOT": str(root),
+               "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_ENGINE": engine, "LORAMUX_MAX_LORA_RANK": "8",
+               "LORAMUX_MAX_LORAS": str(len(names) + 2)}
+        server = ServerProcess(env, startup_timeout=900).start(root / f"server-{engine}-{label_set}.log")
+        try:
+            async def measure(url: str = server.url) -> tuple[list[float], list[float]]:
+                async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+                    return await route_over_generation(client, rounds)
+
+            route_ms, gen1_ms = asyncio.run(measure())
+        finally:
+            server.stop()
+        out[f"route_ms_p50_{label_set}"] = statistics.median(route_ms)
+        out[f"gen_1token_ms_p50_{label_set}"] = statistics.median(gen1_ms)
+        out[f"route_over_1token_{label_set}"] = out[f"route_ms_p50_{label_set}"] / out[f"gen_1token_ms_p50_{label_set}"]
+    return out
+
+
 async def routing_latency(url: str, rounds: int = 8) -> dict[str, float]:
     """Medians: /route vs a 1-token generation; auto vs pinned end to end at concurrency 1 and 16."""
     out: dict[str, float] = {}
@@ -114,13 +170,7 @@ async def routing_latency(url: str, rounds: int = 8) -> dict[str, float]:
             r.raise_for_status()
             return (time.perf_counter() - started) * 1000, r.json()
 
-        route_ms, gen1_ms = [], []
-        for i in range(rounds):
-            prompt = PROMPTS[i % len(PROMPTS)]
-            ms, decision = await timed("/route", {"prompt": prompt})
-            route_ms.append(ms)
-            ms, _ = await timed("/generate", {"prompt": prompt, "adapter": decision["adapter"], "max_tokens": 1})
-            gen1_ms.append(ms)
+        route_ms, gen1_ms = await route_over_generation(client, rounds)
         out["route_ms_p50"] = statistics.median(route_ms)
         out["gen_1token_ms_p50"] = statistics.median(gen1_ms)
         for concurrency in (1, 16):
@@ -177,6 +227,7 @@ def main() -> None:
         engines = ["hf", "vllm"] if args.engine == "all" else [args.engine]
         for engine in engines:
             figures = serve_and_measure(base, root, engine)
+            figures.update(label_set_latency(base, root, engine))
             figures.update(refs)
             figures["service_over_seed"] = figures["service_tok_s"] / refs["seed_sequential_tok_s"]
             figures["service_over_base_batched"] = figures["service_tok_s"] / refs["base_batched_tok_s"]
@@ -201,6 +252,7 @@ TARGETS = {
     "service_over_seed": ">= 5",
     "service_over_base_batched": ">= 0.6",
     "route_over_1token": "<= 1.2",
+    **{f"route_over_1token_{label_set}": "<= 1.2" for label_set in LABEL_SETS},
     "auto_over_pinned_c1": "<= 1.15",
 }
 

@@ -1,10 +1,19 @@
 """Keeps the engine's resident adapters in step with the registry file.
 
-A background task polls the registry; each new active version is validated (path, format, rank,
-base model, target modules, checksum) and loaded, each retired or removed one is unloaded once
+A background task polls the registry; each new active version is validated (name, path, format,
+rank, base model, target modules, checksum) and loaded, each retired or removed one is unloaded once
 the requests using it have finished (reference counts), so registering, rolling back or removing
-an adapter never fails a request in flight. An adapter that cannot be loaded is recorded with its
-reason and answered with a 4xx; it never affects the others.
+an adapter never fails a request in flight.
+
+Swaps go load new, switch, unload old: the version that was serving a name keeps serving it until
+its successor is resident, and if the successor fails to load it keeps serving (the failure is
+recorded and shown in /admin/adapters). A request holds its adapter (`hold`) from the moment it was
+chosen, pinned or routed, until its generation ends, so a rollback in between never unloads it.
+
+One bad adapter never breaks the others: any exception while validating or loading a version (not
+only the service's own errors) marks that version failed with its reason, logged and answered with
+a 4xx, and start-up and the watcher carry on with the rest. A failed version is retried on the
+next change of the registry file.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from service.adapter_validation import validate_adapter
 from service.base_model import BaseModelInfo
 from service.engine.base import AdapterRef, Engine
 from service.errors import AdapterNotFoundError, AdapterValidationError, LoramuxError
+from service.names import name_problem
 from service.registry import AdapterVersion, Registry, RegistrySnapshot
 from service.settings import Settings
 
@@ -36,6 +46,26 @@ class ResolvedAdapter:
     system_prompt: str | None = None
 
 
+class AdapterHold:
+    """One request's claim on a resident adapter version: while held it is not unloaded. Released
+    exactly once, however often `release` is called; usable as a `with` block."""
+
+    def __init__(self, manager: AdapterManager, uid: str):
+        self._manager: AdapterManager | None = manager
+        self.uid = uid
+
+    def release(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager._release(self.uid)
+
+    def __enter__(self) -> AdapterHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class AdapterManager:
     def __init__(self, settings: Settings, base: BaseModelInfo, engine: Engine, registry: Registry):
         self.settings = settings
@@ -45,34 +75,46 @@ class AdapterManager:
         self.snapshot = RegistrySnapshot({})
         self.loaded: dict[str, ResolvedAdapter] = {}  # uid (name@version) -> resident adapter
         self.failed: dict[str, str] = {}  # uid -> reason
+        self.serving: dict[str, str] = {}  # name -> uid answering for it (the active version, or its predecessor)
         self._inflight: Counter[str] = Counter()
         self._retiring: set[str] = set()
         self._signature: tuple[int, int, int] | None = None
         self._sync_lock = asyncio.Lock()
         self._uid_locks: dict[str, asyncio.Lock] = {}
         self._task: asyncio.Task | None = None
+        self._unloads: set[asyncio.Task] = set()
         self.registry_error: str | None = None
 
     # ---- lookups used by the request path ---------------------------------------------------
+    def _served(self, name: str, allow_failed: bool = False) -> ResolvedAdapter | None:
+        uid = self.serving.get(name)
+        if uid is None or (uid in self.failed and not allow_failed):
+            return None
+        return self.loaded.get(uid)
+
+    def served(self) -> list[ResolvedAdapter]:
+        """The version answering for each registered name right now (what /v1/models lists)."""
+        return [r for name in self.serving if (r := self._served(name)) is not None]
+
     def active(self, name: str) -> ResolvedAdapter:
-        """The active, loaded version of adapter `name`, or a 404/422 that says why not. Routers can
+        """The loaded version serving adapter `name`, or a 404/422 that says why not. Routers can
         be pinned too (they answer with an adapter name)."""
         version = self.snapshot.task(name, any_kind=True)
-        if version.uid in self.failed:
+        resolved = self._served(name)
+        if resolved is not None:
+            return resolved
+        reason = self.failed.get(version.uid) or self.failed.get(self.serving.get(name, ""))
+        if reason is not None:
             raise AdapterValidationError(
-                f"adapter {name!r} (version {version.version}) failed to load: {self.failed[version.uid]}",
-                param="adapter",
+                f"adapter {name!r} (version {version.version}) failed to load: {reason}", param="adapter"
             )
-        resolved = self.loaded.get(version.uid)
-        if resolved is None:
-            raise AdapterNotFoundError(f"adapter {name!r} is registered but not loaded yet", param="adapter")
-        return resolved
+        raise AdapterNotFoundError(f"adapter {name!r} is registered but not loaded yet", param="adapter")
 
     def resolve_router(self, name: str | None = None) -> ResolvedAdapter | None:
         version = self.snapshot.router(name or self.settings.router)
         if version is None:
             return None
-        return self.loaded.get(version.uid)
+        return self._served(version.name, allow_failed=True)
 
     def candidate_router(self) -> ResolvedAdapter | None:
         """A router version registered as a candidate (not active), for shadow routing."""
@@ -86,33 +128,40 @@ class AdapterManager:
         return self.loaded.get(candidates[-1].uid)
 
     def routable(self, labels: tuple[str, ...]) -> list[ResolvedAdapter]:
-        """The router's labels that are registered, active and loaded right now, in label order."""
+        """The router's labels that are registered task adapters served right now, in label order."""
         out = []
         for label in labels:
             entry = self.snapshot.entries.get(label)
-            if entry is None or entry.kind != "task" or entry.active is None:
+            if entry is None or entry.kind != "task":
                 continue
-            resolved = self.loaded.get(entry.active.uid)
+            resolved = self._served(label)
             if resolved is not None:
                 out.append(resolved)
         return out
 
+    def hold(self, resolved: ResolvedAdapter) -> AdapterHold:
+        """Claim a resident version for a request (synchronously: take it in the same step as the
+        lookup that found it, with no await between, and nothing can unload it in the gap)."""
+        self._inflight[resolved.version.uid] += 1
+        return AdapterHold(self, resolved.version.uid)
+
+    def _release(self, uid: str) -> None:
+        self._inflight[uid] -= 1
+        if self._inflight[uid] <= 0:
+            del self._inflight[uid]
+            if uid in self._retiring:
+                task = asyncio.get_running_loop().create_task(self._unload(uid))
+                self._unloads.add(task)
+                task.add_done_callback(self._unloads.discard)
+
     @asynccontextmanager
     async def use(self, resolved: ResolvedAdapter | None) -> AsyncIterator[None]:
-        """Hold an adapter for the length of a request so it is not unloaded under it."""
+        """Hold an adapter for the length of a block so it is not unloaded under it."""
         if resolved is None:
             yield
             return
-        uid = resolved.version.uid
-        self._inflight[uid] += 1
-        try:
+        with self.hold(resolved):
             yield
-        finally:
-            self._inflight[uid] -= 1
-            if self._inflight[uid] <= 0:
-                del self._inflight[uid]
-                if uid in self._retiring:
-                    asyncio.get_running_loop().create_task(self._unload(uid))
 
     # ---- syncing with the registry -----------------------------------------------------------
     async def start(self) -> None:
@@ -149,35 +198,57 @@ class AdapterManager:
                 return
             try:
                 snapshot = await asyncio.to_thread(self.registry.load)
-            except LoramuxError as exc:
-                self.registry_error = exc.message
-                log.error("registry unreadable, keeping the previous state: %s", exc.message)
+            except Exception as exc:  # any unreadable registry: keep serving what is loaded
+                self.registry_error = exc.message if isinstance(exc, LoramuxError) else f"{type(exc).__name__}: {exc}"
+                log.error("registry unreadable, keeping the previous state: %s", self.registry_error)
+                self._signature = signature  # read again when the file changes
                 return
             self.registry_error = None
-            self._signature = signature
             wanted = {v.uid: v for v in self.wanted_versions(snapshot)}
+            for uid in list(self.failed):
+                if uid in wanted and uid not in self.loaded:
+                    del self.failed[uid]  # the registry changed: try it again
             for uid, version in wanted.items():
                 if uid not in self.failed:  # a failed version still in use stays due for unloading
                     self._retiring.discard(uid)
                 if uid not in self.loaded and uid not in self.failed:
                     await self._load(version)
-            # publish the new view only once its adapters are resident: requests never see a gap
-            self.snapshot = snapshot
+            # switch only once the new versions are resident: requests never see a gap, and a name
+            # whose new version failed keeps its previous one serving
+            serving = {}
+            for name, entry in snapshot.entries.items():
+                active = entry.active
+                if active is None:
+                    continue
+                previous = self.serving.get(name)
+                if active.uid in self.loaded and active.uid not in self.failed:
+                    serving[name] = active.uid
+                elif (previous is not None and previous in self.loaded and previous not in self.failed
+                      and any(v.uid == previous for v in entry.versions)):
+                    serving[name] = previous
+                    log.warning("%s is active but did not load; %s keeps serving", active.uid, previous)
+            self.snapshot, self.serving = snapshot, serving
+            keep = set(wanted) | set(serving.values())
             for uid in list(self.loaded):
-                if uid not in wanted:
+                if uid not in keep:
                     self._retiring.add(uid)
                     if self._inflight.get(uid, 0) == 0:
                         await self._unload(uid)
             for uid in list(self.failed):
                 if uid not in wanted:
                     del self.failed[uid]
+            self._signature = signature  # seen only once it has been acted on
 
     async def _load(self, version: AdapterVersion) -> None:
+        """Validate and load one version; any failure marks it failed with its reason, never raises."""
         lock = self._uid_locks.setdefault(version.uid, asyncio.Lock())
         async with lock:
             if version.uid in self.loaded:
                 return
             try:
+                problem = name_problem(version.name)
+                if problem is not None:
+                    raise AdapterValidationError(problem, param="name")
                 info = await asyncio.to_thread(
                     validate_adapter,
                     version.path,
@@ -196,6 +267,10 @@ class AdapterManager:
                 log.warning("adapter %s refused: %s", version.uid, exc.message)
                 self.failed[version.uid] = exc.message
                 return
+            except Exception as exc:  # one bad version must never stop start-up or the watcher
+                log.exception("adapter %s failed to load", version.uid)
+                self.failed[version.uid] = f"could not be loaded ({type(exc).__name__}); see the server log"
+                return
             self._retiring.discard(version.uid)
             prompt = info.metadata.get("system_prompt")
             self.loaded[version.uid] = ResolvedAdapter(version, ref, prompt if isinstance(prompt, str) else None)
@@ -205,7 +280,11 @@ class AdapterManager:
         resolved = self.loaded.pop(uid, None)
         self._retiring.discard(uid)
         if resolved is not None:
-            await self.engine.remove_adapter(resolved.ref)
+            try:
+                await self.engine.remove_adapter(resolved.ref)
+            except Exception:  # an unload that fails must not stop the sync that asked for it
+                log.exception("adapter %s could not be unloaded", uid)
+                return
             log.info("adapter %s unloaded", uid)
 
     async def _check_files(self) -> None:

@@ -15,10 +15,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service.adapters import ResolvedAdapter
+from service.adapters import AdapterHold, ResolvedAdapter
 from service.engine.base import SamplingParams, TokenDelta
 from service.errors import (
     AdapterNotFoundError,
+    AdapterValidationError,
     BadRequestError,
     ClientDisconnectedError,
     DeadlineExceededError,
@@ -31,11 +32,18 @@ from service.state import ServiceState
 
 @dataclass
 class Choice:
-    """The adapter a request will be served by, and the routing decision that chose it, if any."""
+    """The adapter a request will be served by, and the routing decision that chose it, if any.
+    `hold` keeps the adapter resident from the moment it was chosen: `release` it when the request
+    ends (generation over, or an error before it began); releasing twice is harmless."""
 
     adapter: ResolvedAdapter | None
     decision: RouteDecision | None = None
     router: ResolvedAdapter | None = None
+    hold: AdapterHold | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        if self.hold is not None:
+            self.hold.release()
 
     @property
     def name(self) -> str | None:
@@ -118,7 +126,9 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     settings = state.settings
     fallback_name = None if settings.fallback == "base" else settings.fallback
     names = [c.version.name for c in candidates]
-    decision = await state.router.decide(router.ref, names, messages, settings.route_threshold, fallback_name)
+    with manager.hold(router):  # a router rollback mid-decision must not unload it under the forward pass
+        decision = await state.router.decide(router.ref, names, messages, settings.route_threshold, fallback_name,
+                                             router.version.temperature)
     state.metrics.route_latency.observe(decision.latency_ms / 1000)
     state.metrics.route_confidence.observe(decision.confidence)
     if decision.fallback:
@@ -127,11 +137,17 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     if decision.adapter is not None:
         try:
             chosen = manager.active(decision.adapter)
-        except (AdapterNotFoundError, BadRequestError):
+        except (AdapterNotFoundError, AdapterValidationError, BadRequestError):
             chosen = None  # a fallback adapter that is gone: the base model is the safe answer
-    state.metrics.route_decisions.labels(decision.adapter or "base").inc()
-    await maybe_shadow(state, router, names, messages, decision)
-    return Choice(chosen, decision, router)
+    # held from here (no await since the lookup) until the request ends
+    choice = Choice(chosen, decision, router, manager.hold(chosen) if chosen else None)
+    try:
+        state.metrics.route_decisions.labels(decision.adapter or "base").inc()
+        await maybe_shadow(state, router, names, messages, decision)
+    except BaseException:
+        choice.release()
+        raise
+    return choice
 
 
 async def maybe_shadow(state: ServiceState, router: ResolvedAdapter, names: list[str],
@@ -147,7 +163,9 @@ async def maybe_shadow(state: ServiceState, router: ResolvedAdapter, names: list
     # the candidate chooses among its own routable labels: what it would do if promoted, including
     # sending requests to the expert it was retrained for (which the active router cannot name)
     shadow_names = [c.version.name for c in state.adapters.routable(candidate.version.labels)] or names
-    shadow = await state.router.decide(candidate.ref, shadow_names, messages)
+    with state.adapters.hold(candidate):
+        shadow = await state.router.decide(candidate.ref, shadow_names, messages,
+                                           temperature=candidate.version.temperature)
     agree = shadow.top == decision.top
     state.metrics.shadow_agreement.labels(decision.top, shadow.top, str(agree).lower()).inc()
     stats = state.shadow_stats.setdefault(candidate.version.uid, {"compared": 0, "agreed": 0, "disagreements": {}})
@@ -165,10 +183,11 @@ async def choose(
     if adapter is None:
         return await route(state, messages, param)
     try:
-        return Choice(state.adapters.active(adapter))
+        resolved = state.adapters.active(adapter)
     except LoramuxError as exc:
         exc.param = param
         raise
+    return Choice(resolved, hold=state.adapters.hold(resolved))
 
 
 async def generate_stream(
@@ -182,7 +201,8 @@ async def generate_stream(
     images: Sequence[Any] = (),
 ) -> AsyncIterator[TokenDelta]:
     """Run one generation with the adapter held, the deadline enforced and the metrics recorded.
-    The caller holds an admission slot. Closing this iterator aborts the engine request."""
+    The caller holds an admission slot. Closing this iterator aborts the engine request; when it
+    ends, however it ends, the choice's adapter hold is released."""
     metrics = state.metrics
     label = choice.name or "base"
     started = time.perf_counter()
@@ -221,7 +241,10 @@ async def generate_stream(
                 if delta.finish_reason:
                     break
         finally:
-            await stream.aclose()
+            try:
+                await stream.aclose()
+            finally:
+                choice.release()
             outcome.timings["generate_ms"] = (time.perf_counter() - started) * 1000
             metrics.latency.labels(endpoint, label).observe(time.perf_counter() - started)
 

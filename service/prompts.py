@@ -6,11 +6,40 @@ never trained on; so both call `router_messages`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 # Short on purpose: every routing decision prefills it (its KV is cached per router, but shorter
 # is still cheaper on a cache miss), and the router LoRA learns the task, not the instruction.
 ROUTER_SYSTEM_PROMPT = "Name the expert for this request."
+
+
+@functools.lru_cache(maxsize=8)  # per tokenizer object: training asks once per example
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn in the base model's chat template (SmolLM2 and Qwen:
+    `<|im_end|>`), read off the template itself: render a one-word answer and take the token that
+    follows it. Training appends it to every answer and the router scores it after every name, so a
+    name is only likely when the model would also stop there (`light` is not a prefix of `lights`).
+    Falls back to the tokenizer's EOS for templates that render nothing after an answer."""
+    chat = [{"role": "user", "content": "a"}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "Zq"}], tokenize=True,
+                                          return_dict=False)
+    answer = tokenizer.encode("Zq", add_special_tokens=False)
+    tail = list(whole[len(prompt):]) if list(whole[: len(prompt)]) == list(prompt) else []
+    found = next((tail[i + len(answer)] for i in range(len(tail) - len(answer))
+                  if tail[i: i + len(answer)] == answer), None)
+    if found is None:
+        found = tokenizer.eos_token_id
+    if found is None:
+        raise ValueError("the chat template marks no end of an answer and the tokenizer has no eos token")
+    return int(found)
+
+
+def answer_tokens(tokenizer: Any, text: str) -> list[int]:
+    """The tokens of an assistant answer as training teaches it and routing scores it: the text's
+    own tokens, then the end of the turn."""
+    return [*tokenizer.encode(text, add_special_tokens=False), end_of_turn_id(tokenizer)]
 
 
 def message_text(content: Any) -> str:

@@ -8,7 +8,8 @@ from pathlib import Path
 from service.adapter_validation import base_module_names, validate_adapter
 from service.base_model import BaseModelInfo
 from service.errors import AdapterValidationError
-from service.registry import AdapterVersion, Kind, Registry
+from service.names import check_name
+from service.registry import AdapterVersion, Kind, Registry, router_temperature
 from service.settings import Settings
 
 
@@ -30,10 +31,7 @@ def register_adapter(
     module_names: set[str] | None = None,
     dataset: dict | None = None,
 ) -> AdapterVersion:
-    if not name or not name.replace("-", "").replace("_", "").isalnum() or name in {"auto", "base"}:
-        raise AdapterValidationError(
-            f"adapter name {name!r} must be letters, digits, '-' or '_' (and not 'auto' or 'base')", "name"
-        )
+    check_name(name, "name")
     info = validate_adapter(
         path, settings.adapter_root, base, settings.max_lora_rank, module_names or base_module_names(base)
     )
@@ -42,6 +40,8 @@ def register_adapter(
         labels = tuple(labels or meta.get("labels") or ())
         if len(labels) < 2:
             raise AdapterValidationError("a router needs at least two labels (adapters it routes to)", "labels")
+        for label in labels:
+            check_name(label, "labels")
     version = AdapterVersion(
         name=name,
         kind=kind,
@@ -53,6 +53,7 @@ def register_adapter(
         description=description or str(meta.get("description", "")),
         rank=info.rank,
         labels=tuple(labels or ()),
+        temperature=router_temperature((meta.get("calibration") or {}).get("temperature")) if kind == "router" else 1.0,
         dataset=dataset if dataset is not None else dict(meta.get("dataset") or {}),
         metrics=dict(meta.get("metrics") or {}),
     )

@@ -3,8 +3,15 @@ version of each is active.
 
 The service only reads it (and re-reads it when the file changes); `loramux register` and the
 admin API write it. Writes happen under a file lock and are atomic (temp file, fsync, rename), so a
-reader or a `kill -9` never sees half a file and concurrent writers never lose an entry. Every
-version stays in the file, which is what makes rollback possible.
+reader or a `kill -9` never sees half a file and concurrent writers never lose an entry.
+
+Nothing is ever erased: every version stays in the file (which is what makes rollback possible), and
+removing an adapter retires it (`removed_at`, `removed_version`) instead of deleting it, so it can be
+restored by activating a version again. A version number is never handed out twice for one name: each
+entry keeps `next_version` (the next number to issue, kept across removal), so a re-registered name can
+never collide with an old `name@N` still loaded in a running service (old weights, or on vLLM an old
+adapter's cached blocks). The file also carries a registry-wide `revision`, incremented by every write.
+Files written before these fields existed still load: both are computed from the versions they hold.
 
 The seed's format (`{"name": "/path/to/adapter"}`) is still read: each entry becomes a task
 adapter, except one named `router`, which routes among the others.
@@ -13,6 +20,7 @@ adapter, except one named `router`, which routes among the others.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +52,7 @@ class AdapterVersion:
     description: str = ""
     rank: int = 0
     labels: tuple[str, ...] = ()  # routers: the adapters this router can choose
+    temperature: float = 1.0  # routers: calibration temperature fitted on the validation split
     dataset: dict[str, Any] = field(default_factory=dict)  # {"path", "fingerprint"} of its training data
     metrics: dict[str, Any] = field(default_factory=dict)
     status: Status = "active"
@@ -65,6 +74,17 @@ class AdapterEntry:
     kind: Kind
     active_version: int | None
     versions: tuple[AdapterVersion, ...]
+    next_version: int = 0  # the next version number to issue; never decreases, survives removal
+    removed_at: str = ""  # set when the adapter was removed (retired with its history)
+    removed_version: int | None = None  # the version that was active then: what a restore brings back
+
+    def __post_init__(self) -> None:
+        highest = max((v.version for v in self.versions), default=0)
+        object.__setattr__(self, "next_version", max(self.next_version, highest + 1))
+
+    @property
+    def removed(self) -> bool:
+        return bool(self.removed_at)
 
     @property
     def active(self) -> AdapterVersion | None:
@@ -83,6 +103,7 @@ class RegistrySnapshot:
 
     entries: dict[str, AdapterEntry]
     active_router: str | None = None
+    revision: int = 0  # registry-wide, incremented by every write
 
     def active_versions(self, kind: Kind | None = None) -> list[AdapterVersion]:
         out = []
@@ -135,14 +156,36 @@ def parse_registry(data: Any) -> RegistrySnapshot:
                 description=v.get("description", ""),
                 rank=int(v.get("rank", 0)),
                 labels=tuple(v.get("labels") or ()),
+                temperature=router_temperature(v.get("temperature", 1.0)),
                 dataset=dict(v.get("dataset") or {}),
                 metrics=dict(v.get("metrics") or {}),
                 status=v.get("status", "active"),
             )
             for v in raw.get("versions", [])
         )
-        entries[name] = AdapterEntry(name, kind, raw.get("active_version"), versions)
-    return RegistrySnapshot(entries, data.get("active_router"))
+        removed_version = raw.get("removed_version")
+        entries[name] = AdapterEntry(
+            name, kind, raw.get("active_version"), versions,
+            next_version=_int(raw.get("next_version")),
+            removed_at=str(raw.get("removed_at") or ""),
+            removed_version=int(removed_version) if isinstance(removed_version, int) else None,
+        )
+    highest = max((v.version for e in entries.values() for v in e.versions), default=0)
+    return RegistrySnapshot(entries, data.get("active_router"), max(_int(data.get("revision")), highest))
+
+
+def _int(value: Any) -> int:
+    """A non-negative integer field of the file; anything else (absent, null, text) counts as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def router_temperature(value: Any) -> float:
+    """A router's calibration temperature; anything but a positive finite number means none (1.0)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return number if math.isfinite(number) and number > 0 else 1.0
 
 
 def _parse_seed(data: dict) -> RegistrySnapshot:
@@ -155,22 +198,25 @@ def _parse_seed(data: dict) -> RegistrySnapshot:
         labels = tuple(tasks) if kind == "router" else ()
         version = AdapterVersion(name=name, kind=kind, version=1, path=path, labels=labels)
         entries[name] = AdapterEntry(name, kind, 1, (version,))
-    return RegistrySnapshot(entries, "router" if "router" in entries else None)
+    return RegistrySnapshot(entries, "router" if "router" in entries else None, 1 if entries else 0)
 
 
 def dump_registry(snapshot: RegistrySnapshot) -> dict[str, Any]:
     return {
         "format": FORMAT,
+        "revision": snapshot.revision,
         "active_router": snapshot.active_router,
-        "adapters": {
-            name: {
-                "kind": entry.kind,
-                "active_version": entry.active_version,
-                "versions": [v.to_json() for v in entry.versions],
-            }
-            for name, entry in sorted(snapshot.entries.items())
-        },
+        "adapters": {name: _dump_entry(entry) for name, entry in sorted(snapshot.entries.items())},
     }
+
+
+def _dump_entry(entry: AdapterEntry) -> dict[str, Any]:
+    data: dict[str, Any] = {"kind": entry.kind, "active_version": entry.active_version,
+                            "next_version": entry.next_version}
+    if entry.removed:
+        data.update(removed_at=entry.removed_at, removed_version=entry.removed_version)
+    data["versions"] = [v.to_json() for v in entry.versions]
+    return data
 
 
 class Registry:
@@ -200,8 +246,10 @@ class Registry:
         except ValueError as exc:
             raise BadRequestError(f"registry {self.path} is not valid JSON: {exc}") from exc
 
-    def _write(self, snapshot: RegistrySnapshot) -> None:
+    def _write(self, snapshot: RegistrySnapshot, previous: RegistrySnapshot) -> None:
+        """Replace the file with `snapshot`, one revision after `previous` (what the caller loaded)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        snapshot = replace(snapshot, revision=previous.revision + 1)
         payload = json.dumps(dump_registry(snapshot), indent=2, sort_keys=False) + "\n"
         for stale in self.path.parent.glob(self.path.name + ".*.tmp"):
             # left by a writer killed mid-write: every writer holds the lock, so no live one owns it
@@ -223,7 +271,11 @@ class Registry:
             os.close(dir_fd)
 
     def add_version(self, version: AdapterVersion, activate: bool = True) -> AdapterVersion:
-        """Append a new version (numbered after the last one) and make it active unless told not to."""
+        """Append a new version and make it active, or with `activate=False` add it as a candidate
+        (the active version, or none for a new name, keeps serving) for `activate(name, version)` to
+        promote once it has loaded. Its number is the entry's `next_version`: never one issued before
+        for this name, even after the adapter was removed. Re-registering a removed name brings the
+        entry back with its history."""
         with self._lock:
             snap = self.load()
             entry = snap.entries.get(version.name)
@@ -231,29 +283,38 @@ class Registry:
                 raise ConflictError(
                     f"{version.name!r} is registered as a {entry.kind} adapter, not a {version.kind}", "name"
                 )
-            number = max((v.version for v in entry.versions), default=0) + 1 if entry else 1
-            status: Status = "active" if activate or entry is None else "candidate"
-            new = replace(version, version=number, created=version.created or _now(), status=status)
+            number = entry.next_version if entry else 1
+            new = replace(version, version=number, created=version.created or _now(),
+                          status="active" if activate else "candidate")
             versions = list(entry.versions) if entry else []
-            if activate and entry is not None:
+            if activate:
                 versions = [_retire(v) if v.status == "active" else v for v in versions]
             versions.append(new)
-            active = number if activate or entry is None or entry.active_version is None else entry.active_version
             entries = dict(snap.entries)
-            entries[new.name] = AdapterEntry(new.name, new.kind, active, tuple(versions))
             router = snap.active_router
-            if new.kind == "router" and (router is None or router not in entries) and activate:
-                router = new.name
-            self._write(RegistrySnapshot(entries, router))
+            if activate:
+                entries[new.name] = AdapterEntry(new.name, new.kind, number, tuple(versions), number + 1)
+                if new.kind == "router" and (router is None or router not in entries or entries[router].active is None):
+                    router = new.name
+            else:
+                kept = entry or AdapterEntry(new.name, new.kind, None, ())
+                entries[new.name] = replace(kept, versions=tuple(versions), next_version=number + 1)
+            self._write(RegistrySnapshot(entries, router), snap)
             return new
 
     def activate(self, name: str, version: int | None = None) -> AdapterVersion:
-        """Make `version` active (promotion); without a version, roll back to the previous one."""
+        """Make `version` active (promotion, or restoring a removed adapter); without a version, roll
+        back to the previous one, or for a removed adapter restore the version that was active."""
         with self._lock:
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
+            if version is None and entry.removed:
+                version = entry.removed_version if entry.removed_version is not None else max(
+                    (v.version for v in entry.versions if v.status == "retired"), default=None)
+                if version is None:
+                    raise ConflictError(f"adapter {name!r} has no version to restore; give one", "version")
             if version is None:
                 older = [v.version for v in entry.versions
                          if entry.active_version and v.version < entry.active_version and v.status == "retired"]
@@ -269,10 +330,19 @@ class Registry:
                 for v in entry.versions
             )
             entries = dict(snap.entries)
-            entries[name] = AdapterEntry(name, entry.kind, version, versions)
+            entries[name] = AdapterEntry(name, entry.kind, version, versions, entry.next_version)
             router = name if entry.kind == "router" else snap.active_router
-            self._write(RegistrySnapshot(entries, router))
+            self._write(RegistrySnapshot(entries, router), snap)
             return replace(target, status="active")
+
+    def restore(self, name: str, version: int | None = None) -> AdapterVersion:
+        """Bring a removed adapter back: `version`, or the one that was active when it was removed."""
+        entry = self.load().entries.get(name)
+        if entry is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
+        if version is None and not entry.removed:
+            raise ConflictError(f"adapter {name!r} is not removed; give a version to activate", "version")
+        return self.activate(name, version)
 
     def router_name(self, name: str | None = None) -> str:
         """The named router, or the active one; 404 when there is none."""
@@ -307,44 +377,52 @@ class Registry:
                 raise ConflictError(f"{target.uid} is active; activate another version first", "version")
             versions = tuple(replace(v, status=status) if v.version == version else v for v in entry.versions)
             entries = dict(snap.entries)
-            entries[name] = AdapterEntry(name, entry.kind, entry.active_version, versions)
-            self._write(RegistrySnapshot(entries, snap.active_router))
+            entries[name] = replace(entry, versions=versions)
+            self._write(RegistrySnapshot(entries, snap.active_router), snap)
             return replace(target, status=status)
 
     def withdraw(self, name: str, version: int) -> None:
         """Take back a version that was registered but would not load: it is marked failed and the
-        version it replaced is active again (a first version is removed), in one locked write."""
+        version it replaced is active again (after a first version, none is), in one locked write.
+        The failed version stays in the history, so its number is never issued again."""
         with self._lock:
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None or all(v.version != version for v in entry.versions):
                 return
-            entries = dict(snap.entries)
             router = snap.active_router
-            if len(entry.versions) == 1:
-                del entries[name]
-                router = None if router == name else router
-            else:
-                active = entry.active_version
-                if active == version:
-                    older = [v.version for v in entry.versions if v.version < version and v.status == "retired"]
-                    active = max(older) if older else None
-                versions = tuple(
-                    replace(v, status="failed") if v.version == version
-                    else (replace(v, status="active") if v.version == active else v)
-                    for v in entry.versions
-                )
-                entries[name] = AdapterEntry(name, entry.kind, active, versions)
-            self._write(RegistrySnapshot(entries, router))
+            active = entry.active_version
+            if active == version:
+                older = [v.version for v in entry.versions if v.version < version and v.status == "retired"]
+                active = max(older) if older else None
+            versions = tuple(
+                replace(v, status="failed") if v.version == version
+                else (replace(v, status="active") if v.version == active else v)
+                for v in entry.versions
+            )
+            entries = dict(snap.entries)
+            entries[name] = replace(entry, active_version=active, versions=versions)
+            if router == name and active is None:
+                router = None
+            self._write(RegistrySnapshot(entries, router), snap)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> AdapterEntry:
+        """Retire adapter `name`: nothing of it serves any more, and its whole history stays in the
+        file (`activate` or `restore` brings it back). Removing a removed adapter changes nothing."""
         with self._lock:
             snap = self.load()
-            if name not in snap.entries:
+            entry = snap.entries.get(name)
+            if entry is None:
                 raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
-            entries = {k: v for k, v in snap.entries.items() if k != name}
+            if entry.removed:
+                return entry
+            versions = tuple(_retire(v) if v.status in ("active", "candidate") else v for v in entry.versions)
+            retired = replace(entry, active_version=None, versions=versions, removed_at=_now(),
+                              removed_version=entry.active_version)
+            entries = {**snap.entries, name: retired}
             router = None if snap.active_router == name else snap.active_router
-            self._write(RegistrySnapshot(entries, router))
+            self._write(RegistrySnapshot(entries, router), snap)
+            return retired
 
 
 def _retire(version: AdapterVersion) -> AdapterVersion:

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     api_keys: CommaList = Field(default_factory=list, description="bearer keys for inference routes")
     admin_api_keys: CommaList = Field(default_factory=list, description="bearer keys for admin routes")
     allow_insecure: bool = Field(False, description="allow binding a public address without API keys")
+    admin_open: bool = Field(False, description="local development only: without any API keys, let anyone who "
+                             "can reach the server change adapters (else the admin API is read-only without "
+                             "LORAMUX_ADMIN_API_KEYS)")
     metrics_require_key: bool = Field(False, description="protect /metrics with an API key")
     cors_origins: CommaList = Field(default_factory=list, description="CORS allowed origins (off if empty)")
 
@@ -103,6 +106,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"refusing to bind {self.host!r} without LORAMUX_API_KEYS; "
                 "set keys or LORAMUX_ALLOW_INSECURE=true"
+            )
+        if self.admin_open and self.host not in LOOPBACK_HOSTS and not self.allow_insecure:
+            raise ValueError(
+                f"refusing LORAMUX_ADMIN_OPEN on {self.host!r}: anyone who can reach it could replace or retire "
+                "adapters; use LORAMUX_ADMIN_API_KEYS, or set LORAMUX_ALLOW_INSECURE=true"
             )
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")

@@ -125,3 +125,7 @@ def test_new_version_rollback_and_remove_without_restart(setup, base_model):
     assert admin(server, "DELETE", "/admin/adapters/beta").status_code == 200
     assert gen(server, "beta").status_code == 404
     assert Registry(registry).load().task("alpha").version == 1
+    beta = Registry(registry).load().entries["beta"]  # retired, not erased
+    assert beta.removed and [v.version for v in beta.versions] == [1]
+    assert admin(server, "POST", "/admin/adapters/beta/restore", json={}).json()["active_version"] == 1
+    assert gen(server, "beta").status_code == 200

@@ -156,3 +156,49 @@ def test_cached_prefix_gives_the_same_logprobs(engine_and_refs):
         for _ in range(2):  # a miss that fills the prefix cache, then a hit
             cached = loop.run_until_complete(engine.next_token_logprobs(ids, refs["beta"], tokens, router.prefix_len()))
             assert cached == pytest.approx(plain, abs=1e-4)
+
+
+COLLIDING_NAMES = ("calendar", "calendar-read", "calendar-write", "light", "lights", "a-rather-long-adapter-name-v2")
+
+
+def plain_peft_scores(base_model, adapter_path, prompt_ids, answers) -> list[float]:
+    """The reference: each whole answer scored with a full forward pass of its own, on plain peft."""
+    model = AutoModelForCausalLM.from_pretrained(base_model.path, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(model, str(adapter_path)).eval()
+    scores = []
+    with torch.no_grad():
+        for answer in answers:
+            logits = model(input_ids=torch.tensor([[*prompt_ids, *answer]])).logits[0].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            start = len(prompt_ids)
+            scores.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(answer))))
+    return scores
+
+
+def test_colliding_names_score_in_one_batched_pass(engine_and_refs, base_model, task_adapters):
+    """Names that share tokens or are token prefixes of each other: one prefill of the prompt plus
+    one batched pass over the names, and the same totals as scoring every full name on its own."""
+    from service.prompts import end_of_turn_id
+    from service.routing.router import Router
+
+    engine, refs, loop = engine_and_refs
+    router = Router(engine)
+    tokens = [engine.tokenizer.encode(n, add_special_tokens=False) for n in COLLIDING_NAMES]
+    assert tokens[1][: len(tokens[0])] == tokens[0] and tokens[1][0] == tokens[2][0]  # they do collide
+    answers = [router.answer_tokens(n) for n in COLLIDING_NAMES]
+    assert all(a[-1] == end_of_turn_id(engine.tokenizer) for a in answers)
+    ids = router.prompt_ids([{"role": "user", "content": "what is on my calendar on friday?"}])
+    calls: list[int] = []
+    hook = engine._model.register_forward_hook(lambda module, args, kwargs: calls.append(1))
+    try:
+        loop.run_until_complete(router.scores(refs["alpha"], COLLIDING_NAMES, ids))  # fills the prefix cache
+        calls.clear()
+        batched = loop.run_until_complete(router.scores(refs["alpha"], COLLIDING_NAMES, ids))
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # the user's part of the prompt, then every name together
+    expected = plain_peft_scores(base_model, task_adapters["alpha"], ids, answers)
+    assert batched == pytest.approx(expected, abs=2e-4)
+    # adding a colliding name leaves the other names' scores as they were
+    fewer = loop.run_until_complete(router.scores(refs["alpha"], COLLIDING_NAMES[3:], ids))
+    assert fewer == pytest.approx(batched[3:], abs=2e-4)

@@ -227,15 +227,37 @@ def test_scoring_primitives_equal_the_embedded_engine(engines):
     assert seq == pytest.approx(engines.run(engines.hf.sequence_logprobs(ids, ref, conts)), abs=1e-3)
 
 
-@pytest.mark.parametrize("candidates", [TASK_ADAPTERS, ("weather-today", "weather-week", "timer")],
-                         ids=["first-token", "full-sequence"])
-def test_router_decisions_equal_the_embedded_router(engines, candidates):
+LABEL_SETS = {
+    "distinct-first-tokens": TASK_ADAPTERS,
+    "shared-first-tokens": ("weather-today", "weather-week", "timer"),
+    "token-prefixes": ("calendar", "calendar-read", "calendar-write", "light", "lights"),
+}
+
+
+@pytest.mark.parametrize("candidates", list(LABEL_SETS.values()), ids=list(LABEL_SETS))
+def test_router_decisions_equal_the_embedded_router(engines, candidates, monkeypatch):
+    """Every label set: the prompt's step, then every deeper prefix of the names in flight at
+    once (one batch), and the embedded engine's probabilities."""
     on_vllm, on_hf = Router(engines.vllm), Router(engines.hf)
-    firsts = {on_vllm.name_tokens(c)[0] for c in candidates}
-    assert (len(firsts) == len(candidates)) == (candidates == TASK_ADAPTERS)  # both scoring paths covered
+    inflight, waves = [0], []
+    step = engines.vllm._token_logprobs
+
+    async def counted(*args, **kwargs):
+        inflight[0] += 1
+        waves.append(inflight[0])
+        try:
+            return await step(*args, **kwargs)
+        finally:
+            inflight[0] -= 1
+
+    monkeypatch.setattr(engines.vllm, "_token_logprobs", counted)
+    answers = [on_vllm.answer_tokens(c) for c in candidates]
+    deeper = {tuple(a[:i]) for a in answers for i in range(1, len(a))}
     for text in ("Turn on the lights", "What is the weather like in Paris tomorrow afternoon?", "hi"):
         messages = [{"role": "user", "content": text}]
+        waves.clear()
         a = engines.run(on_vllm.decide(engines.refs["router"], candidates, messages))
+        assert waves == [1, *range(1, len(deeper) + 1)]  # the prompt alone, then all the rest together
         b = engines.run(on_hf.decide(engines.refs["router"], candidates, messages))
         assert a.adapter == b.adapter and a.adapter in candidates
         assert sum(a.probabilities.values()) == pytest.approx(1.0)

@@ -77,7 +77,7 @@ def _echo_json(data: Any) -> None:
 
 dataset_app = typer.Typer(help="Build datasets: routing data from per-adapter chats, demo expert data.",
                           no_args_is_help=True)
-adapters_app = typer.Typer(help="Registry management: list, show, rollback, remove.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Registry management: list, show, rollback, remove, restore.", no_args_is_help=True)
 
 
 @dataset_app.command("build")
@@ -141,14 +141,18 @@ def train_command(
     dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.05,
     target_modules: Annotated[str, typer.Option(help="comma-separated module names")] = (
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
-    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
-    epochs: Annotated[float, typer.Option(help="epochs (ignored when --max-steps > 0)")] = 1.0,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: 2e-3 routers, 1e-3 experts)")] = None,
+    epochs: Annotated[float | None, typer.Option(
+        help="epochs (ignored when --max-steps > 0; default: derived from the dataset's size)")] = None,
     max_steps: Annotated[int, typer.Option(help="optimizer steps; > 0 overrides --epochs")] = -1,
     batch_size: Annotated[int, typer.Option(help="examples per device step")] = 16,
     grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
     max_length: Annotated[int, typer.Option(help="longer examples are dropped (reported)")] = 256,
     seed: Annotated[int, typer.Option()] = 0,
     save_steps: Annotated[int, typer.Option(help="checkpoint every N steps")] = 50,
+    early_stopping: Annotated[bool, typer.Option(
+        help="routers: validate about once per epoch, keep the best weights, stop when it stops improving")] = True,
+    calibrate: Annotated[bool, typer.Option(help="routers: fit the confidence temperature on the val split")] = True,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint if any")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace a finished run of the same name")] = False,
     description: Annotated[str, typer.Option()] = "",
@@ -173,13 +177,22 @@ def train_command(
         max_length=max_length,
         seed=seed,
         save_steps=save_steps,
+        early_stopping=early_stopping,
+        calibrate=calibrate,
         resume=resume,
         overwrite=overwrite,
         description=description,
     )
     result = train_adapter(config, _settings())
     typer.echo(f"adapter written to {result.final_dir}")
+    if result.plan is not None:
+        typer.echo(f"  plan: {result.plan.why}")
     typer.echo(f"  length filter: {result.length_report.summary()}")
+    if result.metadata.get("calibration"):
+        cal = result.metadata["calibration"]
+        if "val_ece_before" in cal:
+            typer.echo(f"  calibration: temperature {cal['temperature']}, validation ECE "
+                       f"{cal['val_ece_before']} -> {cal['val_ece_after']}")
     typer.echo("  metrics: " + ", ".join(f"{k}={v}" for k, v in result.metadata["metrics"].items()))
 
 
@@ -310,13 +323,30 @@ def adapters_rollback(
 @adapters_app.command("remove")
 @_friendly_errors
 def adapters_remove(name: str, yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False) -> None:
-    """Remove an adapter and all its versions from the registry (files stay on disk)."""
-    from training.register import remove_adapter
+    """Retire an adapter: it stops serving, its versions stay in the registry (`adapters restore`
+    brings it back) and its files stay on disk."""
+    from service.registry import Registry
 
     if not yes:
-        typer.confirm(f"remove {name} and all its versions from the registry?", abort=True)
-    remove_adapter(name, _settings())
-    typer.echo(f"removed {name}")
+        typer.confirm(f"retire {name}? it stops serving; `loramux adapters restore {name}` brings it back",
+                      abort=True)
+    entry = Registry(_settings().registry).remove(name)
+    typer.echo(f"removed {name} (was version {entry.removed_version}; {len(entry.versions)} version(s) kept, "
+               f"restore with `loramux adapters restore {name}`)")
+
+
+@adapters_app.command("restore")
+@_friendly_errors
+def adapters_restore(
+    name: str,
+    version: Annotated[int | None, typer.Option(help="version to activate (default: the one active at removal)")]
+    = None,
+) -> None:
+    """Bring a removed adapter back."""
+    from service.registry import Registry
+
+    active = Registry(_settings().registry).restore(name, version)
+    typer.echo(f"{name}: version {active.version} is active")
 
 
 def demo_command(

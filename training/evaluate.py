@@ -1,11 +1,14 @@
 """`loramux eval`: router and expert evaluation through the serving engine.
 
 The router is evaluated with `service.routing.router.Router.decide` on an engine from
-`service.engine.create_engine`, the code path `/route` runs, so the numbers here are the numbers
-the service will show. Two views of the router are reported: the constrained decision (what
+`service.engine.create_engine`, the code path `/route` runs (with the router's calibration
+temperature, and many decisions in flight so the engine batches them), so the numbers here are the
+numbers the service will show. Two views of the router are reported: the constrained decision (what
 serving does: always a candidate, with a probability for each, hence the calibration figures)
 and the free greedy answer (what the LoRA writes when not constrained; its rate of strings that
-are not an adapter name measures how well it learned the label vocabulary).
+are not an adapter name measures how well it learned the label vocabulary). The report also has
+the coverage/accuracy curve over the routing threshold and, when the dataset has a train split, a
+TF-IDF + logistic-regression baseline (`training.baseline`) scored on the same examples.
 
 Experts generate greedily through the same engine (concurrent requests, so the embedded engine
 batches them) and are scored on exact match (same parsed tool call) and valid tool calls.
@@ -14,6 +17,7 @@ batches them) and are scored on exact match (same parsed tool call) and valid to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import defaultdict
@@ -32,6 +36,7 @@ from training import metrics as m
 from training.chats import ChatRecord, DatasetError, load_images
 from training.dataset_files import load_splits
 from training.metadata import read_metadata
+from training.progress import gather_limited
 from training.tool_calls import is_valid_tool_call, parse_tool_call, same_tool_call
 
 log = logging.getLogger(__name__)
@@ -133,7 +138,11 @@ async def evaluate_router_async(
     split: str = "eval",
     limit: int | None = None,
     bins: int = 10,
+    concurrency: int = 16,
 ) -> Evaluation:
+    """Router figures through `Router.decide` with the router's calibration temperature (from its
+    `loramux.json`), plus the coverage/accuracy curve over the routing threshold and the TF-IDF +
+    logistic-regression baseline (`training.baseline`) trained on the dataset's train split."""
     from service.routing.router import Router
 
     ref = await session.load(adapter_ref(adapter))
@@ -146,13 +155,20 @@ async def evaluate_router_async(
     if len(labels) < 2:
         raise DatasetError(dataset, None, f"a router needs at least two labels, got {labels}")
     assert session.engine is not None
-    router = Router(session.engine)
-    decisions = []
+    engine = session.engine
+    fitted = meta.get("calibration")  # {"temperature": T, ...}, fitted on the val split by `loramux train`
+    temperature = float(fitted.get("temperature", 1.0)) if isinstance(fitted, dict) else 1.0
+    router = Router(engine)
     chats = [load_images(r.messages) for r in records]  # image parts: paths -> decoded images
-    for messages in chats:
-        decisions.append(await router.decide(ref, labels, messages))
+    # concurrent decisions (at most `concurrency` in flight) so the engine batches them; input order kept
+    decisions = await gather_limited(
+        [functools.partial(router.decide, ref, labels, messages, temperature=temperature) for messages in chats],
+        concurrency, "router decisions")
     prompts, images = zip(*(router.prompt(messages) for messages in chats), strict=True)
-    free_text = await _generate_all(session.engine, list(prompts), ref, max_tokens=8, images=images)
+    free_text = await gather_limited(
+        [functools.partial(_generate, engine, f"eval-{ref.key}-{i}", prompt, ref, 8, images[i])
+         for i, prompt in enumerate(prompts)],
+        concurrency, "free generation")
     free = [t.strip() for t in free_text]
 
     predicted = [d.top for d in decisions]
@@ -161,6 +177,7 @@ async def evaluate_router_async(
     classes = m.per_class(gold, predicted, labels)
     calibration = m.expected_calibration_error(confidences, correct, bins)
     latencies = sorted(d.latency_ms for d in decisions)
+    baseline = await asyncio.to_thread(_baseline, dataset, records, gold, labels, bins)
     report = {
         "kind": "router",
         "adapter": str(ref.path),
@@ -178,7 +195,10 @@ async def evaluate_router_async(
             "invalid_name_rate": m.invalid_rate(free, labels),
             "invalid_examples": sorted({t for t in free if t not in labels})[:10],
         },
+        "threshold_curve": m.threshold_curve(confidences, correct),
+        "baseline": baseline,
         "calibration": {
+            "temperature": temperature,
             "ece": calibration["ece"],
             "brier": m.brier_score([d.probabilities for d in decisions], gold),
             "mean_confidence": sum(confidences) / len(confidences),
@@ -192,6 +212,26 @@ async def evaluate_router_async(
         ][:25],
     }
     return Evaluation("router", report)
+
+
+def _baseline(dataset: Path | str, records: Sequence[ChatRecord], gold: Sequence[str], labels: Sequence[str],
+              bins: int) -> dict[str, Any] | None:
+    """The classical baseline on the evaluated examples, trained on the dataset folder's train.jsonl;
+    None when there is none (a plain chat JSONL, or a folder without train data or labels to learn)."""
+    from training.baseline import tfidf_logreg
+
+    if not (Path(dataset).is_dir() and (Path(dataset) / "train.jsonl").is_file()):
+        log.info("baseline skipped: %s has no train split (train.jsonl)", dataset)
+        return None
+    splits = load_splits(dataset, seed=0)
+    train = [(r.user_text, router_gold(r)) for r in splits.train]
+    try:
+        result = tfidf_logreg(train, [(r.user_text, g) for r, g in zip(records, gold, strict=True)], labels, bins)
+    except ValueError as exc:
+        log.info("baseline skipped: %s", exc)
+        return None
+    result.pop("predictions")
+    return result
 
 
 async def evaluate_expert_async(

@@ -32,6 +32,7 @@ def build_metadata(
     tools: list[str] | None = None,
     description: str = "",
     preprocessing: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     data: dict[str, Any] = {
         "format": FORMAT,
@@ -47,6 +48,7 @@ def build_metadata(
     }
     if kind == "router":
         data["labels"] = list(labels or [])
+        data["calibration"] = calibration or {"temperature": 1.0}
     else:
         data["system_prompt"] = system_prompt
         data["tools"] = list(tools or [])

@@ -4,13 +4,21 @@ Conventions: the confusion matrix has one row per gold label and one column per 
 (plus an `<invalid>` column when a prediction is not a label); precision of a label that was
 never predicted is 0, and so is F1 when precision + recall is 0. Expected calibration error uses
 `bins` equal-width confidence bins, (lo, hi] with the first bin also taking 0, and weighs each
-bin's |accuracy - mean confidence| by its share of the examples.
+bin's |accuracy - mean confidence| by its share of the examples. The threshold curve counts an
+example as routed (not sent to the fallback) when its confidence is >= the threshold, as
+`Router.decide` does with `LORAMUX_ROUTE_THRESHOLD`.
+
+Counting is left to scikit-learn (`accuracy_score`, `confusion_matrix`,
+`precision_recall_fscore_support`); the functions here fix the conventions above around it and
+return plain Python numbers, so reports stay JSON.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from sklearn import metrics as skm
 
 INVALID = "<invalid>"
 
@@ -19,7 +27,7 @@ def accuracy(gold: Sequence[str], predicted: Sequence[str]) -> float:
     _same_length(gold, predicted)
     if not gold:
         return 0.0
-    return sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold)
+    return float(skm.accuracy_score(list(gold), list(predicted)))
 
 
 def confusion_matrix(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
@@ -31,29 +39,31 @@ def confusion_matrix(gold: Sequence[str], predicted: Sequence[str], labels: Sequ
     columns = list(rows)
     if any(p not in rows for p in predicted):
         columns.append(INVALID)
-    index_r = {label: i for i, label in enumerate(rows)}
-    index_c = {label: i for i, label in enumerate(columns)}
-    matrix = [[0] * len(columns) for _ in rows]
-    for g, p in zip(gold, predicted, strict=True):
-        matrix[index_r[g]][index_c[p if p in index_c else INVALID]] += 1
+    known = set(rows)
+    mapped = [p if p in known else INVALID for p in predicted]
+    if not gold:
+        return {"labels": rows, "columns": columns, "matrix": [[0] * len(columns) for _ in rows]}
+    square = skm.confusion_matrix(list(gold), mapped, labels=columns)  # columns x columns; the <invalid> row is 0
+    matrix = [[int(v) for v in square[i]] for i in range(len(rows))]
     return {"labels": rows, "columns": columns, "matrix": matrix}
 
 
 def per_class(gold: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each label (0 where undefined: never predicted, no gold)."""
     _same_length(gold, predicted)
-    out: dict[str, dict[str, float]] = {}
-    for label in labels:
-        tp = sum(g == label and p == label for g, p in zip(gold, predicted, strict=True))
-        predicted_n = sum(p == label for p in predicted)
-        support = sum(g == label for g in gold)
-        precision = tp / predicted_n if predicted_n else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return out
+    labels = list(labels)
+    if not gold or not labels:
+        return {label: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for label in labels}
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        list(gold), list(predicted), labels=labels, average=None, zero_division=0)
+    return {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for label, p, r, f, n in zip(labels, precision, recall, f1, support, strict=True)
+    }
 
 
 def macro_f1(report: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean F1 over the labels that have gold examples (a `per_class` report)."""
     scored = [v["f1"] for v in report.values() if v["support"] > 0]
     return sum(scored) / len(scored) if scored else 0.0
 
@@ -96,6 +106,27 @@ def brier_score(probabilities: Sequence[Mapping[str, float]], gold: Sequence[str
         if g not in probs:
             total += 1.0
     return total / len(gold)
+
+
+THRESHOLDS = (*(round(0.05 * i, 2) for i in range(20)), 0.99)  # 0.0, 0.05, ..., 0.95, 0.99
+
+
+def threshold_curve(confidences: Sequence[float], correct: Sequence[bool],
+                    thresholds: Sequence[float] = THRESHOLDS) -> list[dict[str, Any]]:
+    """What `LORAMUX_ROUTE_THRESHOLD` trades: per threshold, the share of examples routed
+    (confidence >= threshold; the others go to the fallback) and the accuracy among them
+    (None when none is routed)."""
+    _same_length(confidences, correct)
+    total = len(confidences)
+    out = []
+    for t in thresholds:
+        kept = [bool(ok) for c, ok in zip(confidences, correct, strict=True) if c >= t]
+        out.append({
+            "threshold": float(t),
+            "coverage": len(kept) / total if total else 0.0,
+            "accuracy": sum(kept) / len(kept) if kept else None,
+        })
+    return out
 
 
 def rate(flags: Sequence[bool]) -> float:

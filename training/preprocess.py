@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.prompts import message_text
+from service.prompts import answer_tokens, message_text
 from training.chats import ChatRecord
 
 IGNORE = -100
@@ -66,14 +66,6 @@ class LengthReport:
         return text
 
 
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token that ends an assistant turn in this chat template (SmolLM2, Qwen: <|im_end|>)."""
-    token_id = tokenizer.eos_token_id
-    if token_id is None:
-        raise ValueError("the tokenizer has no eos token; cannot mark the end of an answer")
-    return int(token_id)
-
-
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The prompt as the service builds it: chat template + generation prompt."""
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -87,8 +79,7 @@ def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], label: str
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must be the assistant's answer")
     prompt = prompt_ids(tokenizer, messages[:-1])
-    answer = tokenizer.encode(message_text(messages[-1]["content"]), add_special_tokens=False)
-    answer = [*answer, end_of_turn_id(tokenizer)]
+    answer = answer_tokens(tokenizer, message_text(messages[-1]["content"]))
     if vision is None:
         return Tokenized([*prompt, *answer], [IGNORE] * len(prompt) + answer, label)
     return _with_images(vision, messages, prompt, answer, label)

@@ -10,20 +10,17 @@ so val and eval keep the natural class mix.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from service.names import name_problem
 from service.prompts import router_messages
 from training.cards import write_card
 from training.chats import ChatRecord, DatasetError, chat_key, read_chats, write_jsonl
 from training.splits import SPLITS, balance, cap_per_class, check_no_leakage, stratified_split
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-RESERVED = {"auto", "base"}
 
 
 @dataclass(frozen=True)
@@ -68,10 +65,10 @@ def parse_source_args(values: list[str]) -> dict[str, Path]:
 
 
 def check_adapter_name(name: str, where: str | Path = "") -> None:
-    if not NAME_PATTERN.match(name) or name in RESERVED:
-        raise DatasetError(
-            where or name, None, f"adapter name {name!r} must be letters, digits, '-' or '_' (not 'auto' or 'base')"
-        )
+    """The registry's name rule (`service.names`): a label the service could never register is refused here."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise DatasetError(where or name, None, problem)
 
 
 def default_out_dir(root: Path, prefix: str = "routing") -> Path:

@@ -23,10 +23,13 @@ from typing import Any, Literal
 
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.settings import Settings
+from training.calibration import calibrate
 from training.chats import DatasetError
 from training.dataset_files import DatasetSplits, answer_labels, load_splits
 from training.metadata import build_metadata, write_metadata
-from training.preprocess import LengthReport, VisionCollator, to_hf_dataset, tokenize_records
+from training.preprocess import LengthReport, VisionCollator, prompt_ids, to_hf_dataset, tokenize_records
+from training.schedule import TrainingPlan, plan_training
+from training.validation import RoutingValidation
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,16 @@ class TrainConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    learning_rate: float = 1e-3
-    epochs: float = 1.0
+    learning_rate: float | None = None  # None: ROUTER_LR / TASK_LR
+    epochs: float | None = None  # None: derived from the dataset (training.schedule)
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 16
     grad_accum: int = 1
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.1
+    lr_scheduler: str = "cosine"
+    early_stopping: bool = True  # routers: validate, keep the best weights, stop when it stops improving
+    calibrate: bool = True  # routers: fit the confidence temperature on the validation split
+    val_examples: int = 400  # routers: validation examples scored (a seeded sample when more)
     max_length: int = 256
     seed: int = 0
     save_steps: int = 50
@@ -62,7 +69,7 @@ class TrainConfig:
     progress: bool = True
     description: str = ""
     init_adapter: Path | None = None  # warm start from these LoRA weights (its rank and targets win)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # further SFTConfig fields (experiments)
 
     def training_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -82,6 +89,11 @@ class TrainResult:
     metadata: dict[str, Any]
     seconds: float
     length_report: LengthReport
+    plan: TrainingPlan | None = None
+
+
+ROUTER_LR = 2e-3
+TASK_LR = 1e-3
 
 
 class TrainError(RuntimeError):
@@ -183,6 +195,10 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(config.seed)
+    # near-zero LoRA gradients once the loss is small are subnormal floats, which x86 CPUs compute
+    # many times slower (a router step went from 4 s to 12 s mid-run); flushing them changes nothing
+    # that matters numerically
+    torch.set_flush_denormal(True)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     model = load_base_model(base.path, dtype)
@@ -195,6 +211,11 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     log.info("length filter: %s", report.summary())
     val_items, _ = tokenize_records(tokenizer, splits.val[: config.eval_examples], config.max_length, label_of,
                                     vision)
+    validation = _routing_validation(config, splits, labels, tokenizer, vision) if labels else None
+    plan = plan_training(len(train_items), config.batch_size, config.grad_accum, config.kind, config.epochs,
+                         config.max_steps, can_validate=validation is not None)
+    log.info("training plan: %s", plan.why)
+    learning_rate = config.learning_rate or (ROUTER_LR if config.kind == "router" else TASK_LR)
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -206,14 +227,13 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
 
     args = SFTConfig(
         output_dir=str(run_dir),
-        learning_rate=config.learning_rate,
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
+        learning_rate=learning_rate,
+        max_steps=plan.max_steps,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         warmup_steps=config.warmup_ratio,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=config.lr_scheduler,
         logging_steps=config.logging_steps,
         save_strategy="steps",
         save_steps=config.save_steps,
@@ -231,6 +251,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         shuffle_dataset=False,
         eval_strategy="no",
         remove_unused_columns=vision is None,  # pixels and MRoPE positions go to the collator
+        **config.extra,
     )
     trainer_class = _loss_trainer_class()
     trainer = trainer_class(
@@ -241,6 +262,12 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         processing_class=tokenizer,
         data_collator=VisionCollator(tokenizer.pad_token_id) if vision is not None else None,
     )
+    if validation is not None:
+        if config.early_stopping:
+            validation.every, validation.patience = plan.eval_every, plan.patience
+        else:  # calibration only: one validation, of the last step
+            validation.every, validation.patience = plan.max_steps, 0
+        trainer.add_callback(validation)
     resume = config.resume and any(run_dir.glob("checkpoint-*"))
     output = trainer.train(resume_from_checkpoint=True if resume else None)
     metrics: dict[str, Any] = {
@@ -253,7 +280,17 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     accuracy = [h["mean_token_accuracy"] for h in trainer.state.log_history if "mean_token_accuracy" in h]
     if accuracy:
         metrics["train_token_accuracy"] = round(float(accuracy[-1]), 4)
-    if val_items:
+    calibration: dict[str, Any] | None = None
+    if validation is not None:
+        validation.restore_best(trainer.model)
+        best = validation.best or validation.validate(trainer.model, metrics["steps"])
+        metrics.update({k: v for k, v in validation.summary().items() if k != "validations"})
+        metrics["val_accuracy"] = best.accuracy
+        if config.calibrate:
+            calibration = calibrate(best.scores, validation.gold)
+            log.info("calibration: temperature %.3f, validation ECE %.4f -> %.4f", calibration["temperature"],
+                     calibration["val_ece_before"], calibration["val_ece_after"])
+    if val_items and validation is None:  # routers: the validation above already measured the val split
         evaluated = trainer.evaluate()
         metrics["val_loss"] = round(float(evaluated.get("eval_loss", float("nan"))), 5)
 
@@ -271,17 +308,39 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         base_name=base.name,
         base_sha256=base.sha256,
         dataset={"path": str(splits.path), "fingerprint": splits.fingerprint, "counts": splits.counts()},
-        training=config.training_json(),
+        training={**config.training_json(), "learning_rate": learning_rate, "plan": plan.to_json(),
+                  "validations": validation.summary()["validations"] if validation else []},
         metrics=metrics,
         labels=labels,
         system_prompt=_common_system_prompt(splits) if config.kind == "task" else None,
         tools=_tools(splits) if config.kind == "task" else None,
         description=config.description or str(card.get("description", ""))[:200],
         preprocessing={"length_filter": report.to_json()},
+        calibration=calibration,
     )
     write_metadata(tmp_final, metadata)
     tmp_final.rename(final_dir)
-    return TrainResult(run_dir, final_dir, metadata, seconds, report)
+    return TrainResult(run_dir, final_dir, metadata, seconds, report, plan)
+
+
+def _routing_validation(config: TrainConfig, splits: DatasetSplits, labels: list[str], tokenizer: Any,
+                        vision: Any) -> RoutingValidation | None:
+    """The router's validation set as (prompt ids, gold label index), scored like serving scores;
+    None when there is nothing to validate on (no val split, early stopping and calibration off,
+    or chats with images, whose prompts the text-only validation does not expand)."""
+    import random
+
+    from service.prompts import answer_tokens
+
+    if not (config.early_stopping or config.calibrate) or not splits.val or vision is not None:
+        return None
+    records = [r for r in splits.val if _label_of_router(r) in labels]
+    if len(records) > config.val_examples:
+        records = random.Random(config.seed).sample(records, config.val_examples)
+    prompts = [prompt_ids(tokenizer, r.messages[:-1]) for r in records]
+    gold = [labels.index(_label_of_router(r)) for r in records]
+    answers = [answer_tokens(tokenizer, label) for label in labels]
+    return RoutingValidation(prompts, gold, answers, every=0, patience=0, pad_id=tokenizer.pad_token_id or 0)
 
 
 def _warm_start(model: Any, folder: Path) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -33,14 +34,24 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
+def header_value(text: str) -> str:
+    """A header value that is always valid: printable ASCII (HTTP headers are Latin-1 bytes, and a
+    control character would split the header). Names follow `service.names` and pass unchanged;
+    anything else is percent-encoded rather than failing the response."""
+    if text.isascii() and text.isprintable():
+        return text
+    return quote(text, safe="@:,{}\"'")
+
+
 def route_headers(choice: Choice) -> dict[str, str]:
     """`X-Loramux-Adapter` names the adapter used; `X-Loramux-Route` carries the routing decision."""
-    headers = {"X-Loramux-Adapter": f"{choice.name}@{choice.version}" if choice.name else "base"}
+    headers = {"X-Loramux-Adapter": header_value(f"{choice.name}@{choice.version}") if choice.name else "base"}
     info = choice.route_info()
     if info is not None:
-        headers["X-Loramux-Route"] = json.dumps(
+        # json.dumps escapes every non-ASCII character, so this value is ASCII already
+        headers["X-Loramux-Route"] = header_value(json.dumps(
             {"adapter": info["adapter"], "confidence": info["confidence"], "fallback": info["fallback"],
              "router": f"{info['router']['name']}@{info['router']['version']}"},
             separators=(",", ":"),
-        )
+        ))
     return headers

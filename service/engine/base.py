@@ -127,8 +127,12 @@ class Engine(abc.ABC):
         adapter: AdapterRef | None,
         continuations: Sequence[Sequence[int]],
         images: Sequence[Any] = (),
+        prefix_len: int = 0,
     ) -> list[float]:
-        """Total log-probability of each continuation after the prompt."""
+        """Total log-probability of each continuation after the prompt, for routing: one prefill of
+        the prompt and one batched pass over the continuations' remaining tokens (their prefix tree),
+        whatever the continuations are, so a decision costs about the same for any label set.
+        `prefix_len` is the same hint as for `next_token_logprobs`."""
 
     def stats(self) -> dict[str, Any]:
         """Numbers for /metrics and /ready: queue depth, running sequences, batch size."""

@@ -24,7 +24,7 @@ import torch
 
 from service.adapter_validation import module_names
 from service.base_model import BaseModelInfo, load_base_model
-from service.engine import kv_batch
+from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
 from service.engine.vision import VisionInputs, VisionPrompt, decode_positions, mrope_positions
@@ -274,30 +274,55 @@ class EmbeddedEngine(Engine):
         images: Sequence[Any] = (),
     ) -> list[float]:
         def run() -> list[float]:
-            name = self._adapter_name(adapter)
-            if images:  # no prefix cache: the prompt's positions depend on its images
-                vision = self._prepare_images(prompt_ids, images)
-                logits = self._forward_single(vision.ids, name, vision, keep=1)[-1]
-            else:
-                logits = self._last_logits(list(prompt_ids), name, prefix_len)
+            logits, _, _, _ = self._prompt_state(list(prompt_ids), self._adapter_name(adapter), prefix_len, images)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             return [float(logprobs[t]) for t in token_ids]
 
         return await self._call(run)
 
-    def _last_logits(self, ids: list[int], adapter: str, prefix_len: int) -> torch.Tensor:
-        """Next-token logits after `ids`. The first `prefix_len` tokens (the router's fixed system
-        prompt) are prefilled once per adapter and their KV cache reused, so a routing decision
-        costs a prefill of the user's text only."""
+    async def sequence_logprobs(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: AdapterRef | None,
+        continuations: Sequence[Sequence[int]],
+        images: Sequence[Any] = (),
+        prefix_len: int = 0,
+    ) -> list[float]:
+        """One prefill of the prompt, then one batched pass over the continuations (`scorer`)."""
+
+        def run() -> list[float]:
+            name = self._adapter_name(adapter)
+            logits, cache, start, delta = self._prompt_state(list(prompt_ids), name, prefix_len, images)
+            return scorer.continuation_logprobs(self._model, cache, logits, start, continuations,
+                                                lambda rows: self._adapter_kwargs([name] * rows), delta,
+                                                self._tokenizer.pad_token_id or 0)
+
+        return await self._call(run)
+
+    def _prompt_state(self, ids: list[int], adapter: str, prefix_len: int, images: Sequence[Any] = ()
+                      ) -> tuple[torch.Tensor, Any, int, int | None]:
+        """Prefill a scoring prompt: its next-token logits, its KV cache, its length (images
+        expanded) and, with images, its MRoPE delta. The first `prefix_len` tokens (the router's
+        fixed system prompt) are prefilled once per adapter and their KV reused, so a routing
+        decision costs a prefill of the user's text only; prompts with images are prefilled whole
+        (their positions depend on the images)."""
+        from transformers import DynamicCache
+
         kwargs = self._adapter_kwargs([adapter])
+        cache = DynamicCache(config=self._model.config)
+        if images:
+            vision = self._prepare_images(ids, images)
+            kwargs |= self._vision_kwargs([vision], torch.arange(len(vision.ids)).unsqueeze(0))
+            out = self._model(input_ids=torch.tensor([vision.ids]), past_key_values=cache, use_cache=True,
+                              logits_to_keep=1, **kwargs)
+            return out.logits[0, -1], cache, len(vision.ids), vision.rope_delta
         if prefix_len <= 0 or prefix_len >= len(ids):
-            out = self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1, **kwargs)
-            return out.logits[0, -1]
+            out = self._model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1,
+                              **kwargs)
+            return out.logits[0, -1], cache, len(ids), None
         key = (adapter, tuple(ids[:prefix_len]))
         cached = self._prefix_cache.get(key)
         if cached is None:
-            from transformers import DynamicCache
-
             cached = DynamicCache(config=self._model.config)
             self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
                         logits_to_keep=1, **kwargs)
@@ -309,37 +334,7 @@ class EmbeddedEngine(Engine):
         positions = torch.arange(prefix_len, len(ids)).unsqueeze(0)
         out = self._model(input_ids=rest, past_key_values=cache, position_ids=positions, use_cache=True,
                           logits_to_keep=1, **kwargs)
-        return out.logits[0, -1]
-
-    async def sequence_logprobs(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: AdapterRef | None,
-        continuations: Sequence[Sequence[int]],
-        images: Sequence[Any] = (),
-    ) -> list[float]:
-        def run() -> list[float]:
-            name = self._adapter_name(adapter)
-            # the images are processed once; each continuation is a text tail of the expanded prompt
-            vision = self._prepare_images(prompt_ids, images) if images else None
-            start = len(vision.ids) if vision else len(prompt_ids)
-            scores = []
-            for cont in continuations:
-                whole = vision.with_tail(cont) if vision else None
-                ids = whole.ids if whole else [*prompt_ids, *cont]
-                logprobs = torch.log_softmax(self._forward_single(ids, name, whole).float(), dim=-1)
-                scores.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(cont))))
-            return scores
-
-        return await self._call(run)
-
-    def _forward_single(self, ids: list[int], adapter: str, vision: VisionPrompt | None = None,
-                        keep: int = 0) -> torch.Tensor:
-        """Logits of one sequence (the last `keep` positions, or all); `vision` holds its images."""
-        kwargs = self._adapter_kwargs([adapter])
-        if vision is not None:
-            kwargs |= self._vision_kwargs([vision], torch.arange(len(ids)).unsqueeze(0))
-        return self._model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=keep, **kwargs).logits[0]
+        return out.logits[0, -1], cache, len(ids), None
 
     # ---- worker thread ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:

@@ -64,3 +64,15 @@ def fork(cache: DynamicCache, config: object) -> DynamicCache:
         mine.lazy_initialization(theirs.keys, theirs.values)
         mine.keys, mine.values = theirs.keys, theirs.values
     return forked
+
+
+def repeat(cache: DynamicCache, rows: int, config: object) -> DynamicCache:
+    """A cache of `rows` rows that all start from `cache`'s single row, as expanded views (no copy):
+    the candidates of one routing decision share their prompt's KV."""
+    repeated = DynamicCache(config=config)
+    for mine, theirs in zip(repeated.layers, cache.layers, strict=True):
+        keys = theirs.keys.expand(rows, -1, -1, -1)
+        values = theirs.values.expand(rows, -1, -1, -1)
+        mine.lazy_initialization(keys, values)
+        mine.keys, mine.values = keys, values
+    return repeated

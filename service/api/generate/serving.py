@@ -12,7 +12,15 @@ from service.api.common import check_limits, sampling_params, stop_list
 from service.api.generate.protocol import GenerateRequest
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import LoramuxError, error_from_exception
-from service.inference import Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.inference import (
+    Choice,
+    Outcome,
+    cancel_on_disconnect,
+    choose,
+    generate_stream,
+    new_request_id,
+    prompt_ids,
+)
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
 
@@ -27,54 +35,66 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     param = "prompt" if body.prompt is not None else "messages"
     messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
     ticket = state.ticket()
+    choice: Choice | None = None
+    handed_over = False  # True once the stream owns the release
+
+    def release() -> None:  # the one release path: the adapter hold, then the admission slot
+        try:
+            if choice is not None:
+                choice.release()
+        finally:
+            ticket.release()
+
     try:
         # routing is a forward pass too: a client that is gone must not keep the engine busy
         choice = await cancel_on_disconnect(request, choose(state, messages, body.adapter))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
-    except BaseException:
-        ticket.release()
-        raise
-    request_id = new_request_id("gen")
-    images = chat_images(messages)
-    outcome = Outcome()
-    route_ms = choice.decision.latency_ms if choice.decision else 0.0
+        request_id = new_request_id("gen")
+        images = chat_images(messages)
+        outcome = Outcome()
+        route_ms = choice.decision.latency_ms if choice.decision else 0.0
+        label = choice.name or "base"
+        headers = route_headers(choice)
 
-    def body_of() -> dict:
-        outcome.timings["route_ms"] = route_ms
-        outcome.timings["total_ms"] = (time.perf_counter() - started) * 1000
-        return {
-            "text": outcome.text,
-            "adapter": choice.name,
-            "version": choice.version,
-            "finish_reason": outcome.finish_reason,
-            "usage": outcome.usage(),
-            "routing": choice.route_info(),
-            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
-        }
+        def body_of() -> dict:
+            outcome.timings["route_ms"] = route_ms
+            outcome.timings["total_ms"] = (time.perf_counter() - started) * 1000
+            return {
+                "text": outcome.text,
+                "adapter": choice.name,
+                "version": choice.version,
+                "finish_reason": outcome.finish_reason,
+                "usage": outcome.usage(),
+                "routing": choice.route_info(),
+                "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
+            }
 
-    label = choice.name or "base"
-    if not body.stream:
-        try:
+        if not body.stream:
             async def run() -> None:
                 async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                     pass
 
             await cancel_on_disconnect(request, run())
-        finally:
-            ticket.release()
-        state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-        return JSONResponse(body_of(), headers=route_headers(choice))
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
-                if delta.text:
-                    yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
-            yield sse(body_of())
-            yield DONE
+            response = JSONResponse(body_of(), headers=headers)
             state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-        except LoramuxError as exc:
-            state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
-            yield sse(error_from_exception(exc))
+            return response
 
-    return EventStream(events(), on_close=ticket.release, headers=route_headers(choice))
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
+                                                   images):
+                    if delta.text:
+                        yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
+                yield sse(body_of())
+                yield DONE
+                state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+            except LoramuxError as exc:
+                state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+                yield sse(error_from_exception(exc))
+
+        stream = EventStream(events(), on_close=release, headers=headers)
+        handed_over = True
+        return stream
+    finally:
+        if not handed_over:
+            release()

@@ -52,75 +52,86 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                                       state.engine.accepts_images)
     images = chat_images(messages)
     ticket = state.ticket()
+    choice: Choice | None = None
+    handed_over = False  # True once the stream owns the release
+
+    def release() -> None:  # the one release path: the adapter hold, then the admission slot
+        try:
+            if choice is not None:
+                choice.release()
+        finally:
+            ticket.release()
+
     try:
         choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
-    except BaseException:
-        ticket.release()
-        raise
-    request_id = new_request_id("chatcmpl")
-    created = int(time.time())
-    model = choice.name or model_name(state)
-    outcome = Outcome()
-    headers = route_headers(choice)
-    label = choice.name or "base"
+        request_id = new_request_id("chatcmpl")
+        created = int(time.time())
+        model = choice.name or model_name(state)
+        outcome = Outcome()
+        headers = route_headers(choice)
+        label = choice.name or "base"
 
-    if not body.stream:
-        try:
+        if not body.stream:
             async def run() -> None:
                 async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
                     pass
 
             await cancel_on_disconnect(request, run())
-        finally:
-            ticket.release()
-        state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-        return JSONResponse(
-            {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": outcome.text},
-                        "finish_reason": outcome.finish_reason,
-                        "logprobs": None,
-                    }
-                ],
-                "usage": outcome.usage(),
-            },
-            headers=headers,
-        )
-
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict, finish: str | None, usage: dict | None = None, choices: bool = True) -> str:
-        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                   if choices else []}
-        if include_usage:
-            payload["usage"] = usage
-        return sse(payload)
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
-                if delta.text:
-                    yield chunk({"content": delta.text}, None)
-            yield chunk({}, outcome.finish_reason)
-            if include_usage:
-                yield chunk({}, None, outcome.usage(), choices=False)
-            yield DONE
+            response = JSONResponse(
+                {
+                    "id": request_id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": outcome.text},
+                            "finish_reason": outcome.finish_reason,
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": outcome.usage(),
+                },
+                headers=headers,
+            )
             state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-        except LoramuxError as exc:
-            state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
-            yield sse(error_from_exception(exc))
-            yield DONE
+            return response
 
-    return EventStream(events(), on_close=ticket.release, headers=headers)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict, finish: str | None, usage: dict | None = None, choices: bool = True) -> str:
+            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                       if choices else []}
+            if include_usage:
+                payload["usage"] = usage
+            return sse(payload)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
+                                                   images):
+                    if delta.text:
+                        yield chunk({"content": delta.text}, None)
+                yield chunk({}, outcome.finish_reason)
+                if include_usage:
+                    yield chunk({}, None, outcome.usage(), choices=False)
+                yield DONE
+                state.metrics.requests.labels(ENDPOINT, label, "200").inc()
+            except LoramuxError as exc:
+                state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+                yield sse(error_from_exception(exc))
+                yield DONE
+
+        stream = EventStream(events(), on_close=release, headers=headers)
+        handed_over = True
+        return stream
+    finally:
+        if not handed_over:
+            release()
 
 
 def model_name(state: ServiceState) -> str:
@@ -145,10 +156,8 @@ def list_models(state: ServiceState) -> dict:
     router = state.adapters.resolve_router()
     if router is not None:
         cards.append(ModelCard(id=AUTO, created=created, root=router.version.name, parent=base))
-    for resolved in sorted(state.adapters.loaded.values(), key=lambda r: (r.version.kind, r.version.name)):
+    # the version serving each name (candidates and retiring versions are not served by name)
+    for resolved in sorted(state.adapters.served(), key=lambda r: (r.version.kind, r.version.name)):
         version = resolved.version
-        snap_entry = state.adapters.snapshot.entries.get(version.name)
-        if snap_entry is None or snap_entry.active_version != version.version:
-            continue  # candidates and retiring versions are not served by name
         cards.append(ModelCard(id=version.name, created=created, root=str(resolved.ref.path), parent=base))
     return ModelList(data=cards).model_dump()

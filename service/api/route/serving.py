@@ -17,6 +17,7 @@ async def serve_route(state: ServiceState, body: PromptOrMessages, request: Requ
     ticket = state.ticket()
     try:
         choice = await cancel_on_disconnect(request, route(state, messages))
+        choice.release()  # the decision alone: nothing is generated with the adapter
     finally:
         ticket.release()
     info = choice.route_info()
