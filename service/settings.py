@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
     max_prefill_tokens: int = Field(512, ge=1, description="hf engine: prompt tokens prefilled in one step")
+    router_max_tokens: int = Field(256, ge=8, description="tokens of the last user turn the router reads "
+                                                         "(the start of the turn; the rest is not routed on)")
     max_queue: int = Field(64, ge=1, description="requests waiting or running before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline")
     shutdown_grace_s: float = Field(30.0, ge=0)

@@ -136,3 +136,20 @@ def test_metrics_are_labelled_by_adapter(client):
     assert "loramux_time_to_first_token_seconds_bucket" in text
     assert "loramux_adapters_loaded 4.0" in text
     assert "loramux_routing_decisions_total" in text and "loramux_router_latency_seconds" in text
+
+
+def test_a_huge_prompt_is_routed_on_its_start_and_refused_for_generation(client):
+    """1.5 MB of text (under the body limit): the router reads its first tokens only (a bounded
+    forward pass, the same decision as for the start alone), generation refuses it with a 400."""
+    start = "turn on the kitchen lights please "
+    huge = start + "and also " * (1_500_000 // 9)
+    assert len(huge) > 1_400_000
+    routed = client.post("/route", json={"prompt": huge})
+    assert routed.status_code == 200, routed.text
+    short = client.post("/route", json={"prompt": huge[:2000]}).json()
+    assert routed.json()["adapter"] == short["adapter"]
+    assert routed.json()["candidates"] == short["candidates"]
+    refused = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 4,
+                                                        "messages": [{"role": "user", "content": huge}]})
+    assert_error(refused, 400, "messages")
+    assert client.get("/health").json() == {"status": "ok"}

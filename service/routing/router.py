@@ -47,17 +47,34 @@ def softmax(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
 class Router:
     """Decisions on any engine: it needs only the tokenizer and the two scoring primitives."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_tokens: int = 256):
         self.engine = engine
+        self.max_tokens = max_tokens
         self._answers: dict[str, list[int]] = {}
         self._prefix_len: int | None = None
 
     def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
         """The router's prompt: its token ids, and the images its placeholders stand for."""
         routed = router_messages(messages)
+        routed[-1]["content"] = self._bounded(routed[-1]["content"])
         ids = self.engine.tokenizer.apply_chat_template(routed, add_generation_prompt=True, tokenize=True,
                                                         return_dict=False)
         return ids, chat_images(routed)
+
+    def _bounded(self, content: Any) -> Any:
+        """The user's text cut to its first `max_tokens` tokens (each text part, with images). The
+        start of a request says what it is about, and a bounded router prompt bounds the forward pass
+        every routed request costs before any generation limit applies: a megabyte of text is routed
+        on its first tokens instead of stalling the engine (training examples are far shorter, so the
+        router never meets a cut it was not trained on)."""
+        if isinstance(content, list):
+            return [{**p, "text": self._bounded(p["text"])} if isinstance(p, dict) and p.get("type") == "text" else p
+                    for p in content]
+        if not isinstance(content, str) or len(content.encode()) <= self.max_tokens:  # bytes >= byte-level tokens
+            return content
+        tokenizer = self.engine.tokenizer
+        ids = tokenizer.encode(content[: self.max_tokens * 32], add_special_tokens=False)
+        return content if len(ids) <= self.max_tokens else tokenizer.decode(ids[: self.max_tokens])
 
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.prompt(messages)[0]
