@@ -139,3 +139,43 @@ def test_image_count_must_match_the_placeholders(engine) -> None:
     with pytest.raises(BadRequestError, match="0 image placeholders for 1 images"):
         loop.run_until_complete(run())
     assert eng.accepts_images
+
+
+def test_whole_names_with_an_image_equal_transformers(engine, tiny_vl: Path, vl_adapters: dict[str, Path]) -> None:
+    """Multi-token names after an image prompt, scored in one batched pass over the prompt's KV, equal
+    each name scored with a full transformers + peft forward pass of its own (pixels included)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from service.routing.router import Router
+
+    eng, refs, loop = engine
+    router = Router(eng)
+    names = ("calendar", "calendar-read", "calendar-write", "lights")
+    answers = [router.answer_tokens(n) for n in names]
+    image = sample_image(RED)
+    ids, images = router.prompt(chat(image, "what is on my calendar?"))
+    got = loop.run_until_complete(eng.sequence_logprobs(ids, refs["alpha"], answers, images))
+
+    processor = load_vl_processor(tiny_vl)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_vl, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(model, str(vl_adapters["alpha"])).eval()
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Name the expert for this request."}]},
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "what is on my calendar?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    start = inputs["input_ids"].shape[1]
+    expected = []
+    with torch.no_grad():
+        for answer in answers:
+            whole = dict(inputs)
+            whole["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+            whole["attention_mask"] = torch.ones_like(whole["input_ids"])
+            if "mm_token_type_ids" in inputs:  # text tokens after the prompt
+                whole["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"],
+                                                        torch.zeros(1, len(answer), dtype=torch.long)], dim=1)
+            logprobs = torch.log_softmax(peft(**whole).logits[0].float(), dim=-1)
+            expected.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(answer))))
+    assert got == pytest.approx(expected, abs=2e-4)

@@ -26,13 +26,16 @@ from training.train import TrainConfig, train_adapter
 
 QUESTIONS = ["What should handle this screen?", "Which tool fits this?", "Take care of this screen.",
              "Who handles this one?", "Route this screenshot."]
-# warm and cool shades: the experts differ by the image only, every question is asked of both
+# warm and cool shades: the experts differ by the image only, every question is asked of both. Both
+# names are one token: the router scores whole answers (name + end of turn), and a tiny random model
+# trained 30 steps is still nearly flat over its 151k-token vocabulary, so a name one token longer
+# would lose ~11 nats whatever the image (that measures the name's length, not the image).
 SHADES = {"paint": [(230, 40, 30), (200, 60, 20), (250, 90, 60), (180, 20, 40)],
-          "ocean": [(30, 40, 230), (20, 90, 200), (60, 60, 250), (40, 20, 180)]}
+          "sea": [(30, 40, 230), (20, 90, 200), (60, 60, 250), (40, 20, 180)]}
 
 
 def write_expert_files(root: Path) -> dict[str, Path]:
-    """`paint` in the seed format (`image` + `<image>`), `ocean` with content parts."""
+    """`paint` in the seed format (`image` + `<image>`), `sea` with content parts."""
     files = {}
     for name, shades in SHADES.items():
         folder = root / name
@@ -104,16 +107,16 @@ def image_router(image_routing: Any, tiny_vl: Path, vl_adapters: dict[str, Path]
                                     max_steps=30, batch_size=8, learning_rate=3e-3, dropout=0.0, progress=False,
                                     eval_examples=0, save_steps=1000, max_length=512, rank=8,
                                     target_modules=("q_proj", "v_proj")), settings, base)
-    for name in ("paint", "ocean"):
+    for name in ("paint", "sea"):
         register_adapter(settings, base, "task", name, vl_adapters["alpha" if name == "paint" else "beta"])
-    register_adapter(settings, base, "router", "router", run.final_dir, labels=("ocean", "paint"))
+    register_adapter(settings, base, "router", "router", run.final_dir, labels=("sea", "paint"))
     return {"root": root, "settings": settings, "final": run.final_dir}
 
 
 @pytest.mark.slow
 def test_the_image_router_learns_from_the_image(image_router: dict[str, Any], image_routing: Any) -> None:
     report = evaluate_router(image_router["final"], image_routing.path, image_router["settings"]).report
-    assert report["accuracy"] >= 0.9, report["confusion"]
+    assert report["accuracy"] >= 0.9, (report["confusion"], report["free_generation"], report["errors"][:3])
 
 
 def route_every_shade(url: str) -> None:

@@ -9,58 +9,72 @@ then the registry) and applied when serving.
 
 A validation split the router gets entirely right has no finite NLL minimiser: the likelihood only
 grows as T shrinks towards 0, and the fitted router would then claim certainty that a few dozen
-examples cannot support. So the fit is against targets smoothed by eps = 1 / (n + 2) (Laplace's
-rule of succession: after n successes in n trials, the next is a success with probability
-(n + 1) / (n + 2)): the confidence never claims more than the validation evidence shows, and with
-hundreds of examples the smoothing is negligible.
+examples cannot support. So the fitted temperature is never one whose mean confidence exceeds
+Laplace's estimate of the accuracy, (correct + 1) / (n + 2) (the rule of succession: after n
+successes in n trials the next is a success with probability (n + 1) / (n + 2)); with errors in
+the split the NLL minimiser is usually below that ceiling already, and with hundreds of examples
+the ceiling hardly matters.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from training import metrics as m
 
 MIN_T, MAX_T = 0.05, 20.0
 
 
-def nll(scores: Sequence[Sequence[float]], gold: Sequence[int], temperature: float, smoothing: float = 0.0
-        ) -> float:
-    """Mean cross-entropy under softmax(scores / temperature) against targets that give the gold
-    candidate 1 - smoothing and share `smoothing` among the others (0: the plain NLL)."""
+def nll(scores: Sequence[Sequence[float]], gold: Sequence[int], temperature: float) -> float:
+    """Mean negative log-likelihood of the gold candidates under softmax(scores / temperature)."""
     total = 0.0
     for row, g in zip(scores, gold, strict=True):
         scaled = [s / temperature for s in row]
         peak = max(scaled)
         log_z = peak + math.log(sum(math.exp(s - peak) for s in scaled))
-        total += (1 - smoothing) * (log_z - scaled[g])
-        if smoothing and len(row) > 1:
-            total += smoothing * sum(log_z - s for i, s in enumerate(scaled) if i != g) / (len(row) - 1)
+        total += log_z - scaled[g]
     return total / max(1, len(gold))
 
 
-def fit_temperature(scores: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
-    """The temperature in [MIN_T, MAX_T] that minimises the smoothed validation NLL: golden-section
-    search on log T (the cross-entropy is convex in 1/T, so unimodal on this interval). 1.0 with
-    no data."""
-    if not gold:
-        return 1.0
-    eps = 1.0 / (len(gold) + 2)
-    lo, hi = math.log(MIN_T), math.log(MAX_T)
+def _golden(f: Callable[[float], float], lo: float, hi: float, steps: int = 60) -> float:
+    """Minimiser of a unimodal `f` on [lo, hi] by golden-section search."""
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(scores, gold, math.exp(a), eps), nll(scores, gold, math.exp(b), eps)
-    for _ in range(60):
+    fa, fb = f(a), f(b)
+    for _ in range(steps):
         if fa < fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = nll(scores, gold, math.exp(a), eps)
+            fa = f(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll(scores, gold, math.exp(b), eps)
-    return round(math.exp((lo + hi) / 2), 4)
+            fb = f(b)
+    return (lo + hi) / 2
+
+
+def mean_confidence(scores: Sequence[Sequence[float]], temperature: float) -> float:
+    chosen = confidences(scores, temperature)
+    return sum(c for _, c in chosen) / max(1, len(chosen))
+
+
+def fit_temperature(scores: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
+    """The temperature in [MIN_T, MAX_T] that minimises the validation NLL (golden-section search on
+    log T; the NLL is convex in 1/T, so unimodal there), raised if need be until the mean confidence
+    is no more than Laplace's accuracy estimate (see the module docstring). 1.0 with no data."""
+    if not gold:
+        return 1.0
+    log_t = _golden(lambda x: nll(scores, gold, math.exp(x)), math.log(MIN_T), math.log(MAX_T))
+    correct = sum(max(range(len(row)), key=row.__getitem__) == g for row, g in zip(scores, gold, strict=True))
+    ceiling = (correct + 1) / (len(gold) + 2)
+    if mean_confidence(scores, math.exp(log_t)) > ceiling:  # confidence falls as T grows: bisect for it
+        lo, hi = log_t, math.log(MAX_T)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_confidence(scores, math.exp(mid)) > ceiling else (lo, mid)
+        log_t = hi
+    return round(math.exp(log_t), 4)
 
 
 def confidences(scores: Sequence[Sequence[float]], temperature: float) -> list[tuple[int, float]]:

@@ -76,17 +76,6 @@ class DemoResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def check_first_tokens(names: list[str], base: BaseModelInfo) -> list[str]:
-    """Names whose first token is shared with another name (the router then scores whole names)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    firsts: dict[int, list[str]] = {}
-    for name in names:
-        firsts.setdefault(tokenizer.encode(name, add_special_tokens=False)[0], []).append(name)
-    return sorted(n for group in firsts.values() if len(group) > 1 for n in group)
-
-
 def run_demo(
     settings: Settings | None = None,
     plan: DemoPlan | None = None,
@@ -112,9 +101,6 @@ def run_demo(
     data_root = root / "datasets" / f"demo_{stamp}"
     if resume and not data_root.is_dir():
         raise FileNotFoundError(f"no interrupted demo to resume: {data_root} does not exist")
-    shared = check_first_tokens(list(plan.experts), base)
-    if shared:
-        echo(f"note: {', '.join(shared)} share a first token; routing scores their full names")
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
