@@ -113,6 +113,22 @@ def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: Res
     return list(ids)
 
 
+class RequestSlot:
+    """A request's admission ticket and, once chosen, its adapter hold: the one release path for
+    both, in that order, taken by the handler on an error and by the stream once it owns them."""
+
+    def __init__(self, ticket: Any):
+        self.ticket = ticket
+        self.choice: Choice | None = None
+
+    def release(self) -> None:
+        try:
+            if self.choice is not None:
+                self.choice.release()
+        finally:
+            self.ticket.release()
+
+
 async def route(state: ServiceState, messages: list[dict[str, Any]], param: str = "adapter") -> Choice:
     """Ask the active router; never returns an adapter that is not registered and loaded."""
     manager = state.adapters

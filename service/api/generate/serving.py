@@ -13,8 +13,8 @@ from service.api.generate.protocol import GenerateRequest
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import LoramuxError, error_from_exception
 from service.inference import (
-    Choice,
     Outcome,
+    RequestSlot,
     cancel_on_disconnect,
     choose,
     generate_stream,
@@ -34,20 +34,12 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
     param = "prompt" if body.prompt is not None else "messages"
     messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
-    ticket = state.ticket()
-    choice: Choice | None = None
+    slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
-
-    def release() -> None:  # the one release path: the adapter hold, then the admission slot
-        try:
-            if choice is not None:
-                choice.release()
-        finally:
-            ticket.release()
 
     try:
         # routing is a forward pass too: a client that is gone must not keep the engine busy
-        choice = await cancel_on_disconnect(request, choose(state, messages, body.adapter))
+        choice = slot.choice = await cancel_on_disconnect(request, choose(state, messages, body.adapter))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
         request_id = new_request_id("gen")
         images = chat_images(messages)
@@ -92,9 +84,9 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
                 state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
                 yield sse(error_from_exception(exc))
 
-        stream = EventStream(events(), on_close=release, headers=headers)
+        stream = EventStream(events(), on_close=slot.release, headers=headers)
         handed_over = True
         return stream
     finally:
         if not handed_over:
-            release()
+            slot.release()

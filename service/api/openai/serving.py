@@ -16,7 +16,16 @@ from service.api.common import check_limits, sampling_params, stop_list
 from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import BadRequestError, LoramuxError, error_from_exception
-from service.inference import Choice, Outcome, cancel_on_disconnect, choose, generate_stream, new_request_id, prompt_ids
+from service.inference import (
+    Choice,
+    Outcome,
+    RequestSlot,
+    cancel_on_disconnect,
+    choose,
+    generate_stream,
+    new_request_id,
+    prompt_ids,
+)
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
 
@@ -51,19 +60,11 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     messages = await load_chat_images([m.as_template_dict() for m in body.messages], state.settings,
                                       state.engine.accepts_images)
     images = chat_images(messages)
-    ticket = state.ticket()
-    choice: Choice | None = None
+    slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
 
-    def release() -> None:  # the one release path: the adapter hold, then the admission slot
-        try:
-            if choice is not None:
-                choice.release()
-        finally:
-            ticket.release()
-
     try:
-        choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
+        choice = slot.choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
         request_id = new_request_id("chatcmpl")
         created = int(time.time())
@@ -126,12 +127,12 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                 yield sse(error_from_exception(exc))
                 yield DONE
 
-        stream = EventStream(events(), on_close=release, headers=headers)
+        stream = EventStream(events(), on_close=slot.release, headers=headers)
         handed_over = True
         return stream
     finally:
         if not handed_over:
-            release()
+            slot.release()
 
 
 def model_name(state: ServiceState) -> str:
