@@ -11,11 +11,14 @@ Why one file and these choices:
 - Three Volumes: the base model cache (written once, read by every container), the adapters (training
   runs, datasets, reports; pushed with `modal volume put`), and the registry on its own, so a
   registration is one small file that every serving container reloads without touching the weights.
-  Modal Volumes are not shared file systems: a writer commits, a reader reloads. The training functions
-  commit the adapters before the registry, and the serving containers reload the adapters before the
-  registry, so the service never reads a registry entry whose files it cannot see yet.
+  Modal Volumes are not shared file systems: a writer commits, a reader reloads, and of two commits of
+  one file the last wins. So every registry write, in any container, is one transaction: commit the
+  adapters, take a lock held in a `modal.Dict`, reload the registry, write, commit
+  (`deploy/volume_writes.py`); the serving containers reload the adapters before the registry, so the
+  service never reads a registry entry whose files it cannot see yet.
 - The training steps are Modal functions that call the functions the `loramux` CLI calls
-  (`build_routing_dataset`, `train_adapter`, `evaluate_router`/`evaluate_expert`, `register_adapter`);
+  (`build_routing_dataset`, `train_adapter`, `evaluate_router`/`evaluate_expert`/`evaluate_stacked`,
+  `register_adapter`);
   a `local_entrypoint` per step replaces the seed's shell scripts.
 - Every knob is an environment variable read at deploy time (`LORAMUX_MODAL_<FIELD>`, see `ModalConfig`),
   and the resolved values are handed to the containers, which import this file again and must agree.
@@ -28,6 +31,7 @@ Commands (see deploy/README.md):
     modal run deploy/modal_app.py::dataset --sources lights=lights.jsonl,calendar=calendar.jsonl --out datasets/routing
     modal run deploy/modal_app.py::train --kind router --dataset datasets/routing --run-name router-v2
     modal run deploy/modal_app.py::eval --kind router --dataset datasets/routing --adapter runs/router-v2/final
+    modal run deploy/modal_app.py::stacked --routing-run router-v2 --routing-dataset datasets/routing --max-samples 10
     modal run deploy/modal_app.py::register --kind router --name router --path runs/router-v2/final
     modal run deploy/modal_app.py::onboard --name robots --dataset robots.jsonl --train --no-promote
     modal run deploy/modal_app.py::router --action promote
@@ -44,7 +48,7 @@ import os
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +118,7 @@ class ModalConfig:
     models_volume: str = "loramux-models"
     adapters_volume: str = "loramux-adapters"
     registry_volume: str = "loramux-registry"
+    registry_lock: str = "loramux-registry-lock"  # a modal.Dict: one registry writer at a time, every container
     api_keys_secret: str = "loramux-api-keys"  # holds LORAMUX_API_KEYS (and optionally LORAMUX_ADMIN_API_KEYS)
     hf_secret: str = "huggingface"  # holds HF_TOKEN (gated or private models; faster downloads)
 
@@ -204,6 +209,7 @@ image = (
 models_volume = modal.Volume.from_name(CONFIG.models_volume, create_if_missing=True)
 adapters_volume = modal.Volume.from_name(CONFIG.adapters_volume, create_if_missing=True)
 registry_volume = modal.Volume.from_name(CONFIG.registry_volume, create_if_missing=True)
+registry_locks = modal.Dict.from_name(CONFIG.registry_lock, create_if_missing=True)
 VOLUMES: dict[str | os.PathLike[str], modal.Volume] = {
     MODELS_DIR: models_volume,
     ADAPTERS_DIR: adapters_volume,
@@ -235,6 +241,20 @@ def reload(*volumes: Any) -> None:
             volume.reload()
 
 
+LOCK_DIR = Path("/tmp/loramux-locks")  # the registry's file lock, off the volume (container-local)
+
+
+def guard_registry_writes() -> None:
+    """Make every registry write of this container one transaction across containers (commit the
+    adapters, take the shared lock, reload, write, commit: `deploy.volume_writes`). Outside Modal the
+    file lock alone serializes writers, as for `loramux serve`."""
+    from deploy.volume_writes import VolumeWriteGuard
+    from service.registry import use_write_guard
+
+    if running_in_modal():
+        use_write_guard(VolumeWriteGuard(registry_locks, registry_volume, before=(adapters_volume,)), LOCK_DIR)
+
+
 # ---- the service ------------------------------------------------------------------------------------------
 
 
@@ -251,34 +271,25 @@ def service_settings() -> Settings:
 class VolumeRefresher:
     """Keeps a serving container's view of the adapters and the registry current.
 
-    One `tick`: if the registry file changed here since the last look (the admin API wrote it), commit the
-    registry volume so other containers see it; then reload the adapters, then the registry. The service's
-    own registry watcher (`LORAMUX_REGISTRY_POLL_S`) then loads, swaps or unloads adapters. A reload refused
-    because a file is open (an adapter being read) is retried on the next tick; the registry is not reloaded
-    in a tick whose adapters reload failed."""
+    One `tick`: reload the adapters, then the registry, under the registry's local file lock (a reload
+    never lands in the middle of this container's own write). The service's own registry watcher
+    (`LORAMUX_REGISTRY_POLL_S`) then loads, swaps or unloads adapters. This container's admin writes
+    need no publishing here: each was committed inside its own write transaction
+    (`guard_registry_writes`), so none can slip between a check and a commit. A reload refused because
+    a file is open (an adapter being read) is retried on the next tick; the registry is not reloaded in
+    a tick whose adapters reload failed."""
 
     registry_file: Path
     adapters: Any
     registry: Any
-    seen: tuple[int, int, int] | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        self.seen = self._signature()
-
-    def _signature(self) -> tuple[int, int, int] | None:
-        from service.registry import Registry
-
-        return Registry(self.registry_file).signature()
 
     def tick(self) -> str:
-        action = "reloaded"
-        if self._signature() != self.seen:
-            self.registry.commit()
-            action = "committed"
-        self.adapters.reload()
-        self.registry.reload()
-        self.seen = self._signature()
-        return action
+        from service.registry import Registry
+
+        with Registry(self.registry_file).read_lock():
+            self.adapters.reload()
+            self.registry.reload()
+        return "reloaded"
 
     async def run(self, interval_s: float) -> None:
         while True:
@@ -316,6 +327,7 @@ class Server:
 
         # Modal's blocking volume calls go to a thread: this method runs on the container's event loop
         await asyncio.to_thread(reload, adapters_volume, registry_volume)
+        guard_registry_writes()  # admin writes from this replica: one writer across all containers
         self.state = await build_state(service_settings())
         await asyncio.to_thread(commit, models_volume)  # the first download serves every later cold start
         if running_in_modal():
@@ -453,6 +465,42 @@ def remote_eval(
             "paths": {k: _relative(p, settings) for k, p in paths.items()}}
 
 
+def _run_folder(run: str, settings: Settings) -> Path:
+    """`--routing-run`: a run name (`runs/<run>/`, as `train` writes it) or a folder on the adapters volume."""
+    named = settings.adapter_root / "runs" / run
+    return named if "/" not in run and named.is_dir() else _inside(run, settings)
+
+
+@app.function(**TRAINING, gpu=CONFIG.training_gpu, timeout=CONFIG.train_timeout)
+def remote_stacked(
+    routing_dataset: str,
+    routing_run: str | None = None,
+    max_samples: int | None = None,
+    split: str = "eval",
+    router: str | None = None,
+    max_tokens: int = 160,
+) -> dict[str, Any]:
+    """Stacked inference as an evaluation (`loramux eval --kind stacked`) on a GPU: every request of the routing
+    dataset's split routed by the router (the run `routing_run`, else the registered `router` or the active
+    one), answered by the registered expert it chose, scored against its reference, next to the true expert's
+    and the base model's answers. The report goes under `reports/` on the adapters volume and is returned."""
+    from service.settings import Settings
+    from training.reports import report_text, write_report
+    from training.stacked import evaluate_stacked, setup_from_registry
+    from training.stacked_report import summary
+
+    reload(adapters_volume, registry_volume)
+    settings = Settings()
+    setup = setup_from_registry(settings, router, _run_folder(routing_run, settings) if routing_run else None)
+    evaluation = evaluate_stacked(setup, _inside(routing_dataset, settings), settings, split=split, limit=max_samples,
+                                  max_tokens=max_tokens)
+    out_dir = settings.adapter_root / "reports" / f"stacked_{setup.router.name}_{datetime.now():%Y%m%d_%H%M%S}"
+    paths = write_report(evaluation.report, out_dir)
+    commit(adapters_volume, models_volume)
+    return {"report": summary(evaluation.report), "text": report_text(evaluation.report),
+            "paths": {k: _relative(p, settings) for k, p in paths.items()}}
+
+
 @app.function(**TRAINING, cpu=2.0, memory=8192, timeout=30 * MINUTES)
 def remote_register(
     kind: str,
@@ -463,15 +511,17 @@ def remote_register(
     activate: bool = True,
 ) -> dict[str, Any]:
     """`loramux register`: validate the adapter against the base model and add a version to the registry,
-    then commit the registry volume; serving containers pick it up within LORAMUX_MODAL_VOLUME_RELOAD_S."""
+    committed by the write itself (`guard_registry_writes`); serving containers pick it up within
+    LORAMUX_MODAL_VOLUME_RELOAD_S."""
     from service.settings import Settings
     from training.register import RegistryContext, register_adapter
 
     reload(adapters_volume, registry_volume)
+    guard_registry_writes()
     settings = Settings()
     version = register_adapter(kind, name, _inside(path, settings), description, labels, activate,  # type: ignore[arg-type]
                                RegistryContext(settings))
-    commit(registry_volume, models_volume)
+    commit(models_volume)
     return {"name": version.name, "kind": version.kind, **version.to_json()}
 
 
@@ -497,6 +547,7 @@ def remote_onboard(
     from training.onboard import onboard, step_options
 
     reload(adapters_volume, registry_volume)
+    guard_registry_writes()
     settings = Settings()
     if upload is not None:
         data = settings.adapter_root / "datasets" / "uploads" / f"{name}.jsonl"
@@ -508,7 +559,7 @@ def remote_onboard(
     result = onboard(name, data, _inside(adapter, settings) if adapter else None, train, settings,
                      router_name=router, floor=floor, margin=margin, promote=promote, eval_limit=eval_limit,
                      expert_options=expert_options, router_options=router_options)
-    commit(adapters_volume, models_volume, registry_volume)
+    commit(adapters_volume, models_volume)  # the registry writes committed themselves, adapters first
     return {**result.to_json(), "routing_dataset": _relative(result.routing_dataset, settings),
             "report_path": _relative(result.report_path, settings)}
 
@@ -521,6 +572,7 @@ def remote_router(action: str, name: str | None = None, version: int | None = No
     from service.settings import Settings
 
     reload(registry_volume)
+    guard_registry_writes()
     registry = Registry(Settings().registry)
     if action == "promote":
         registry.promote_router(name, version)
@@ -528,8 +580,6 @@ def remote_router(action: str, name: str | None = None, version: int | None = No
         registry.rollback_router(name)
     elif action != "status":
         raise ValueError(f"action must be promote, rollback or status, not {action!r}")
-    if action != "status":
-        commit(registry_volume)
     entry = registry.load().entries[registry.router_name(name)]
     return {"router": entry.name, "active_version": entry.active_version,
             "versions": [{"version": v.version, "status": v.status, "labels": list(v.labels)} for v in entry.versions]}
@@ -616,6 +666,27 @@ def evaluate(
 ) -> None:
     """Router or expert evaluation on a GPU (`loramux eval`): give `--adapter PATH` (on the volume) or `--name`."""
     result = remote_eval.remote(kind, dataset, adapter or None, name or None, split, limit, _split(labels) or None)
+    if as_json:
+        _print(result["report"])
+    else:
+        print(result["text"])
+        print(f"\nreport on the volume {CONFIG.adapters_volume}: " + ", ".join(result["paths"].values()))
+
+
+@app.local_entrypoint()
+def stacked(
+    routing_dataset: str,
+    routing_run: str = "",
+    max_samples: int | None = None,
+    split: str = "eval",
+    router: str = "",
+    max_tokens: int = 160,
+    as_json: bool = False,
+) -> None:
+    """Stacked inference over a routing dataset on a GPU, the seed's `--routing-run RUN --routing-dataset DIR
+    --max-samples 10`: route, answer with the chosen expert, score; the report is printed and kept on the volume."""
+    result = remote_stacked.remote(routing_dataset, routing_run or None, max_samples, split, router or None,
+                                   max_tokens)
     if as_json:
         _print(result["report"])
     else:

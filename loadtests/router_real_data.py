@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import random
 import shutil
 import sys
@@ -223,13 +224,43 @@ def classical_baseline(train: Pairs, test: Pairs, labels: list[str]) -> dict[str
 # --- training and evaluation --------------------------------------------------------------------
 
 
-def train_router(dataset: Path, run_name: str, runs_dir: Path, max_steps: int | None) -> Any:
-    """A router with the project's default TrainConfig. The run folder is removed first, so a stale
-    checkpoint from an earlier, different sample is never resumed (and the time is a full run's)."""
+def config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs as TrainConfig fields; keys TrainConfig does not have go to its `extra`
+    (SFTConfig fields). Values are JSON when they parse as JSON (numbers, booleans, lists), else text."""
+    from dataclasses import fields
+
+    from training.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set wants KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key == "target_modules" and isinstance(value, list):
+            value = tuple(value)
+        (out if key in known else extra)[key] = value
+    if extra:
+        out["extra"] = extra
+    return out
+
+
+def train_router(dataset: Path, run_name: str, runs_dir: Path, max_steps: int | None,
+                 overrides: Mapping[str, Any] | None = None) -> Any:
+    """A router with the project's default TrainConfig (plus `overrides`, for experiments). The run
+    folder is removed first, so a stale checkpoint from an earlier, different sample is never resumed
+    (and the time is a full run's)."""
     from training.train import TrainConfig, train_adapter
 
     shutil.rmtree(runs_dir / run_name, ignore_errors=True)
-    override = {"max_steps": max_steps} if max_steps else {}
+    override: dict[str, Any] = dict(overrides or {})
+    if max_steps:
+        override["max_steps"] = max_steps
     config = TrainConfig(kind="router", dataset=dataset, run_name=run_name, runs_dir=runs_dir, overwrite=True,
                          **override)
     return train_adapter(config)
@@ -259,7 +290,7 @@ def run_dataset(name: str, args: argparse.Namespace, kept_aside: bool) -> dict[s
     heldout_counts = write_heldout_dataset(folder / "heldout",
                                            write_sources(folder / "heldout_sources", sample.heldout, data), data)
     started = time.perf_counter()
-    trained = train_router(routing.path, f"router-{name}", args.out / "runs", args.max_steps)
+    trained = train_router(routing.path, f"router-{name}", args.out / "runs", args.max_steps, args.overrides)
     wall = time.perf_counter() - started
     report = evaluate_router(trained.final_dir, folder / "heldout").report
     train_pairs = split_pairs(routing.path / "train.jsonl")
@@ -347,6 +378,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kept-aside", action="append", default=[], metavar="NAME",
                         help="a dataset never tuned on (repeatable or comma list): reported separately")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="experiments only: a TrainConfig (or SFTConfig) field instead of its default")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where pip puts the packages")
     args = parser.parse_args(argv)
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -356,6 +389,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(LOADERS)}")
     if args.kept_aside - set(args.datasets):
         parser.error(f"--kept-aside {sorted(args.kept_aside - set(args.datasets))} not in --datasets")
+    try:
+        args.overrides = config_overrides(args.overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.per_class < 3 or args.heldout < 1:
         parser.error("--per-class must be >= 3 (train/val/eval) and --heldout >= 1")
     return args
@@ -366,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"datasets": args.datasets, "per_class": args.per_class, "heldout": args.heldout, "seed": args.seed,
               "max_steps": args.max_steps, "fractions": list(FRACTIONS), "kept_aside": sorted(args.kept_aside),
-              "train_config": "training.train.TrainConfig defaults" + (" + max_steps" if args.max_steps else "")}
+              "train_config": "training.train.TrainConfig defaults" + (" + max_steps" if args.max_steps else ""),
+              "overrides": args.overrides}
     results: list[dict[str, Any]] = []
     for name in args.datasets:
         print(f"== {name}", flush=True)

@@ -114,10 +114,11 @@ def resolve_inside_root(path: str | Path, adapter_root: Path) -> Path:
         # probe it here: a NUL byte or an over-long name fails in every later filesystem call
         resolved.exists()
     except (OSError, ValueError) as exc:
-        raise AdapterValidationError(f"adapter path {str(path)!r} is not a usable path: {exc}", param="path") from exc
+        log.info("adapter path %r is not usable: %s", str(path), exc)
+        raise AdapterValidationError(f"adapter path {str(path)!r} is not a usable path", param="path") from exc
     if not resolved.is_relative_to(root):
         raise AdapterValidationError(
-            f"adapter path {str(path)!r} resolves outside the adapter root {root}", param="path"
+            f"adapter path {str(path)!r} resolves outside the adapter root (LORAMUX_ADAPTER_ROOT)", param="path"
         )
     return resolved
 
@@ -438,7 +439,8 @@ def _check_weights(weights: Path, rank: int, targets: list[str] | str) -> None:
     except AdapterValidationError:
         raise
     except Exception as exc:  # safetensors raises several types for a damaged header
-        raise AdapterValidationError(f"{weights.name} is not a readable safetensors file: {exc}", "path") from exc
+        log.info("%s is not readable as safetensors: %s", weights, exc)
+        raise AdapterValidationError(f"{weights.name} is not a readable safetensors file", "path") from exc
     if not keys:
         raise AdapterValidationError(f"{weights.name} holds no LoRA weights", param="path")
     others = [k for k in keys if not LORA_KEY.fullmatch(k)]

@@ -146,8 +146,10 @@ def build_cli() -> typer.Typer:
 
 def main() -> None:
     from service.errors import LoramuxError
+    from service.request_ids import LOG_FORMAT, install_log_records
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_records()  # every record carries the request id it was logged under ("-" outside requests)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         build_cli()()
     except LoramuxError as exc:  # a refusal the user can act on: say why, no traceback

@@ -2,11 +2,17 @@
 
 Every failure becomes a `LoramuxError` subclass carrying its HTTP status, an OpenAI-style `type`
 and the offending `param`; `error_body` renders the single error shape the API promises:
-`{"error": {"message", "type", "param", "code"}}`.
+`{"error": {"message", "type", "param", "code", "request_id"}}`.
+
+What a client reads must not tell it about the machine: `public_message` takes memory addresses
+(`<_io.BytesIO object at 0x7f...>`) and absolute filesystem paths out of every message on its way
+into a body, whatever raised it. The sources avoid them too (a path is named relative to the adapter
+root, a library's exception text goes to the log, never into a message); this is the last line.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -90,8 +96,37 @@ class EngineError(LoramuxError):
     error_type = "engine_error"
 
 
-def error_body(message: str, error_type: str, status: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": status}}
+class GenerationInterruptedError(LoramuxError):
+    """The engine stopped a generation before the model finished it (its adapter was unloaded, the
+    engine aborted it or shut down). Both engines end such a request with this error, never with a
+    finish reason: "abort" is not an OpenAI finish reason, and "stop" would pass a cut-off answer
+    for a complete one. The client may retry."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param, headers={"Retry-After": "1"})
+
+
+# ` at 0x7f3a...` (a repr's address) and any long hex address left on its own
+_ADDRESS = re.compile(r"\s+at\s+0x[0-9a-fA-F]+|\b0x[0-9a-fA-F]{6,}\b")
+# an absolute POSIX path of two or more parts, not the tail of a URL or a MIME type ("image/png")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])~?/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def public_message(message: str) -> str:
+    """`message` without memory addresses and absolute paths (each path becomes `<path>`)."""
+    return _ABSOLUTE_PATH.sub("<path>", _ADDRESS.sub("", message))
+
+
+def error_body(message: str, error_type: str, status: int, param: str | None = None,
+               request_id: str | None = None) -> dict[str, Any]:
+    """The one error shape. `request_id` defaults to the current request's (`service.request_ids`)."""
+    from service.request_ids import current_request_id
+
+    return {"error": {"message": public_message(message), "type": error_type, "param": param, "code": status,
+                      "request_id": request_id or current_request_id.get()}}
 
 
 def error_from_exception(exc: LoramuxError) -> dict[str, Any]:

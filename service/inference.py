@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import random
 import time
 import uuid
@@ -13,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
 from starlette.requests import Request
 
 from service.adapters import AdapterHold, ResolvedAdapter
@@ -26,8 +29,45 @@ from service.errors import (
     LoramuxError,
     ServiceUnavailableError,
 )
+from service.request_ids import request_arrival
 from service.routing.router import RouteDecision
 from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A request's deadline, `LORAMUX_REQUEST_TIMEOUT_S` after it arrived: image loading, admission,
+    routing, queueing in the engine and generation all spend from the same budget, so no stage can
+    hold a request past it (a slow image URL, a long router prefill)."""
+
+    at: float  # time.perf_counter() value
+    timeout_s: float
+
+    @classmethod
+    def for_request(cls, state: ServiceState) -> Deadline:
+        arrived = request_arrival.get()
+        timeout = state.settings.request_timeout_s
+        return cls((arrived if arrived is not None else time.perf_counter()) + timeout, timeout)
+
+    def remaining(self) -> float:
+        return self.at - time.perf_counter()
+
+    def exceeded(self) -> DeadlineExceededError:
+        return DeadlineExceededError(f"request exceeded the {self.timeout_s:g}s deadline")
+
+    async def run(self, work: Any) -> Any:
+        """Await `work` (a coroutine), cancelled with a 504 when the deadline passes first."""
+        remaining = self.remaining()
+        if remaining <= 0:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise self.exceeded()
+        try:
+            return await asyncio.wait_for(work, timeout=remaining)
+        except TimeoutError:
+            raise self.exceeded() from None
 
 
 @dataclass
@@ -98,11 +138,23 @@ def template_messages(messages: list[dict[str, Any]], adapter: ResolvedAdapter |
     return messages
 
 
+def template_refused(exc: TemplateError, param: str) -> BadRequestError:
+    """A chat template that raises (`raise_exception("roles must alternate ...")`, an undefined
+    field) refuses that conversation: the client's to fix, a 400, with the template's own words
+    (they are the rule the conversation broke; the exception's repr goes to the log)."""
+    log.info("chat template refused the conversation: %r", exc)
+    reason = getattr(exc, "message", None) or "the chat template refused this conversation"
+    return BadRequestError(f"the model's chat template refused these messages: {reason}", param=param)
+
+
 def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: ResolvedAdapter | None,
                max_tokens: int, param: str) -> list[int]:
-    ids = state.engine.tokenizer.apply_chat_template(
-        template_messages(messages, adapter), add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    try:
+        ids = state.engine.tokenizer.apply_chat_template(
+            template_messages(messages, adapter), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    except TemplateError as exc:
+        raise template_refused(exc, param) from None
     limit = state.settings.max_model_len
     if len(ids) + max_tokens > limit:
         raise BadRequestError(
@@ -143,8 +195,7 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     fallback_name = None if settings.fallback == "base" else settings.fallback
     names = [c.version.name for c in candidates]
     with manager.hold(router):  # a router rollback mid-decision must not unload it under the forward pass
-        decision = await state.router.decide(router.ref, names, messages, settings.route_threshold, fallback_name,
-                                             router.version.temperature)
+        decision = await decide(state, router, names, messages, settings.route_threshold, fallback_name, param)
     state.metrics.route_latency.observe(decision.latency_ms / 1000)
     state.metrics.route_confidence.observe(decision.confidence)
     if decision.fallback:
@@ -166,22 +217,62 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     return choice
 
 
+async def decide(state: ServiceState, router: ResolvedAdapter, names: list[str], messages: list[dict[str, Any]],
+                 threshold: float, fallback: str | None, param: str) -> RouteDecision:
+    """The router's decision, or a 400 when this request cannot be routed: its chat template refuses
+    the conversation, or no candidate has a usable score (every one -inf, i.e. probability 0, or
+    not a number), where a softmax has nothing to normalise. The client can still name an adapter."""
+    try:
+        decision = await state.router.decide(router.ref, names, messages, threshold, fallback,
+                                             router.version.temperature)
+    except TemplateError as exc:
+        raise template_refused(exc, "messages") from None
+    except ValueError as exc:  # softmax over scores that are all -inf
+        log.warning("router %s could not score the request: %s", router.version.uid, exc)
+        decision = None
+    if decision is None or not all(math.isfinite(p) for p in [decision.confidence, *decision.probabilities.values()]):
+        if decision is not None:
+            log.warning("router %s gave non-finite probabilities", router.version.uid)
+        raise BadRequestError("the router could not score this request (no candidate has a finite score); "
+                              "name an adapter instead", param=param)
+    return decision
+
+
 async def maybe_shadow(state: ServiceState, router: ResolvedAdapter, names: list[str],
                        messages: list[dict[str, Any]], decision: RouteDecision) -> None:
-    """With a candidate router registered, compare its decision on a sample of live traffic.
-    The active router still decides; the candidate is only observed."""
+    """With a candidate router registered, compare its decision on a sample of live traffic, off
+    the request path: the comparison runs in a task of its own (at most `shadow_max_inflight` at
+    once; a sampled request beyond that is not shadowed), so its latency and its failures never
+    reach the request. The active router still decides; the candidate is only observed."""
     fraction = state.settings.shadow_fraction
     if fraction <= 0 or random.random() >= fraction:
+        return
+    if len(state.shadow_tasks) >= state.settings.shadow_max_inflight:
         return
     candidate = state.adapters.candidate_router()
     if candidate is None:
         return
-    # the candidate chooses among its own routable labels: what it would do if promoted, including
-    # sending requests to the expert it was retrained for (which the active router cannot name)
-    shadow_names = [c.version.name for c in state.adapters.routable(candidate.version.labels)] or names
-    with state.adapters.hold(candidate):
+    hold = state.adapters.hold(candidate)  # taken now: a rollback before the task runs must wait for it
+    task = asyncio.ensure_future(_shadow(state, candidate, names, messages, decision))
+    state.shadow_tasks.add(task)
+    task.add_done_callback(state.shadow_tasks.discard)
+    task.add_done_callback(lambda _: hold.release())  # however the task ends, even cancelled unstarted
+
+
+async def _shadow(state: ServiceState, candidate: ResolvedAdapter, names: list[str],
+                  messages: list[dict[str, Any]], decision: RouteDecision) -> None:
+    try:
+        # the candidate chooses among its own routable labels: what it would do if promoted, including
+        # sending requests to the expert it was retrained for (which the active router cannot name)
+        shadow_names = [c.version.name for c in state.adapters.routable(candidate.version.labels)] or names
         shadow = await state.router.decide(candidate.ref, shadow_names, messages,
                                            temperature=candidate.version.temperature)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the candidate's fault, not the request's: counted and logged, nothing else
+        log.warning("shadow routing with candidate %s failed", candidate.version.uid, exc_info=True)
+        state.metrics.shadow_failures.inc()
+        return
     agree = shadow.top == decision.top
     state.metrics.shadow_agreement.labels(decision.top, shadow.top, str(agree).lower()).inc()
     stats = state.shadow_stats.setdefault(candidate.version.uid, {"compared": 0, "agreed": 0, "disagreements": {}})
@@ -215,35 +306,28 @@ async def generate_stream(
     params: SamplingParams,
     outcome: Outcome,
     images: Sequence[Any] = (),
+    deadline: Deadline | None = None,
 ) -> AsyncIterator[TokenDelta]:
     """Run one generation with the adapter held, the deadline enforced and the metrics recorded.
     The caller holds an admission slot. Closing this iterator aborts the engine request; when it
-    ends, however it ends, the choice's adapter hold is released."""
+    ends, however it ends, the choice's adapter hold is released. `deadline`: the request's
+    (`Deadline.for_request`, from its arrival); by default one that starts now."""
     metrics = state.metrics
     label = choice.name or "base"
     started = time.perf_counter()
     outcome.prompt_tokens = len(ids)
     metrics.prompt_tokens.labels(label).inc(len(ids))
     first = True
-    deadline = started + state.settings.request_timeout_s
+    deadline = deadline or Deadline(started + state.settings.request_timeout_s, state.settings.request_timeout_s)
     async with state.adapters.use(choice.adapter):
         stream = state.engine.generate(request_id, ids, choice.adapter.ref if choice.adapter else None, params,
                                        images)
         try:
             while True:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    raise DeadlineExceededError(
-                        f"request exceeded the {state.settings.request_timeout_s:g}s deadline"
-                    )
                 try:
-                    delta = await asyncio.wait_for(anext(stream), timeout=remaining)
+                    delta = await deadline.run(anext(stream))
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    raise DeadlineExceededError(
-                        f"request exceeded the {state.settings.request_timeout_s:g}s deadline"
-                    ) from None
                 if first:
                     outcome.timings["ttft_ms"] = (time.perf_counter() - started) * 1000
                     metrics.ttft.labels(label).observe(outcome.timings["ttft_ms"] / 1000)
@@ -266,7 +350,8 @@ async def generate_stream(
 
 
 async def cancel_on_disconnect(request: Request, work: Any) -> Any:
-    """Await `work`, but cancel it as soon as the client disconnects (frees its batch slot)."""
+    """Await `work`, but cancel it as soon as the client disconnects (frees its batch slot), or when
+    this await itself is cancelled (the request's deadline passed)."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -286,3 +371,13 @@ async def cancel_on_disconnect(request: Request, work: Any) -> Any:
         raise ClientDisconnectedError("client disconnected")
     finally:
         watcher.cancel()
+        if not task.done():  # we were cancelled (the deadline): the work must not run on unobserved
+            task.cancel()
+            task.add_done_callback(_release_abandoned)
+
+
+def _release_abandoned(task: asyncio.Future) -> None:
+    """A result nobody will use (a routing `Choice` that finished as it was cancelled) gives back
+    what it holds."""
+    if not task.cancelled() and task.exception() is None and hasattr(task.result(), "release"):
+        task.result().release()

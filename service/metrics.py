@@ -41,6 +41,9 @@ class Metrics:
         self.shadow_agreement = Counter("loramux_shadow_routing_total",
                                         "Shadow routing comparisons (candidate router vs active)",
                                         ["active", "candidate", "agree"], registry=r)
+        self.shadow_failures = Counter("loramux_shadow_routing_failures_total",
+                                       "Shadow decisions that failed (the candidate's fault, never the request's)",
+                                       registry=r)
         self.adapters_loaded = Gauge("loramux_adapters_loaded", "Adapter versions resident in the engine",
                                      registry=r)
         self.adapters_failed = Gauge("loramux_adapters_failed", "Registered adapters that failed to load",

@@ -2,28 +2,33 @@
 them. A bad image is the client's fault and gets a 4xx naming it; it must never reach the model
 (a decompression bomb or a huge upscale would stall the engine thread for every other request).
 
-Data URLs are always accepted; http(s) URLs only when `allow_image_urls` is set (the server would
-otherwise fetch whatever a client names, from inside the network it runs in). Decoded images are
-RGB PIL images, carried inside the messages as `{"type": "image", "image": <PIL image>}` parts:
-vision-language chat templates render such a part as the image placeholder, and whatever part of
+Data URLs are always accepted; http(s) URLs only when `allow_image_urls` is set, and then only from
+public addresses (`service.image_fetch`: the server would otherwise fetch whatever a client names,
+from inside the network it runs in). Only the declared formats are ever decoded: Pillow is asked
+for exactly those, so a file that sniffs as one of its dozens of other formats is refused; decoding
+runs on a small pool of worker threads, off the event loop. Decoded images are RGB PIL images,
+carried inside the messages as `{"type": "image", "image": <PIL image>}` parts: vision-language
+chat templates render such a part as the image placeholder, and whatever part of
 the chat a consumer keeps (the router keeps only the last user turn) keeps its own images, in the
 order the template renders them (`chat_images`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import httpx
-
 from service.errors import BadRequestError, PayloadTooLargeError
+from service.image_fetch import ImageFetcher
 from service.prompts import is_image_part
 from service.settings import Settings
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp")
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the decoders behind IMAGE_MEDIA_TYPES, no others
 
 
 def image_parts(messages: list[dict[str, Any]]) -> list[tuple[int, int, dict[str, Any]]]:
@@ -61,7 +66,7 @@ async def load_chat_images(messages: list[dict[str, Any]], settings: Settings,
     for i, j, part in parts:
         param = f"messages.{i}.content.{j}.image_url.url"
         url = (part.get("image_url") or {}).get("url", "")
-        image = decode_image(await image_bytes(url, settings, param), settings, param)
+        image = await decode_off_loop(await image_bytes(url, settings, param), settings, param)
         content = list(out[i]["content"])
         content[j] = {"type": "image", "image": image}
         out[i]["content"] = content
@@ -93,24 +98,29 @@ async def image_bytes(url: str, settings: Settings, param: str) -> bytes:
                           + (" or http(s)" if settings.allow_image_urls else ""), param=param)
 
 
+_fetcher: ImageFetcher | None = None
+
+
 async def fetch_image(url: str, settings: Settings, param: str) -> bytes:
-    """Stream the body and stop at the size limit: a server announcing no length cannot make us
-    read an unbounded response."""
-    limit = settings.max_image_bytes
-    try:
-        async with (httpx.AsyncClient(timeout=settings.image_fetch_timeout_s, follow_redirects=False) as client,
-                    client.stream("GET", url) as response):
-            if response.status_code != 200:
-                raise BadRequestError(f"fetching the image failed: HTTP {response.status_code}", param=param)
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(f"image is larger than {limit} bytes", param=param)
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise BadRequestError(f"fetching the image failed: {type(exc).__name__}", param=param) from None
+    """Through the process's one `ImageFetcher` (public addresses only, no rebinding, one total
+    timeout, bounded concurrency, one uniform error: `service.image_fetch`)."""
+    global _fetcher
+    if _fetcher is None or _fetcher.settings is not settings:
+        _fetcher = ImageFetcher(settings)
+    return await _fetcher.fetch(url, param)
+
+
+_decoders: ThreadPoolExecutor | None = None
+
+
+async def decode_off_loop(data: bytes, settings: Settings, param: str) -> Any:
+    """`decode_image` on one of `LORAMUX_IMAGE_DECODE_WORKERS` threads: a large image decodes
+    without stalling the event loop (every other request's I/O), and no more than that many decode
+    at once (the rest queue, within the request's deadline)."""
+    global _decoders
+    if _decoders is None:
+        _decoders = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
+    return await asyncio.get_running_loop().run_in_executor(_decoders, decode_image, data, settings, param)
 
 
 def decode_image(data: bytes, settings: Settings, param: str) -> Any:
@@ -118,7 +128,7 @@ def decode_image(data: bytes, settings: Settings, param: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
             width, height = image.size
             if width * height > settings.max_image_pixels:
                 raise PayloadTooLargeError(f"image is {width}x{height} pixels; at most {settings.max_image_pixels} "
@@ -127,5 +137,6 @@ def decode_image(data: bytes, settings: Settings, param: str) -> Any:
                 raise BadRequestError("image has no pixels", param=param)
             image.load()
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadRequestError(f"not a readable image: {exc}", param=param) from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        # Pillow's text names its file object by memory address: nothing of it goes to the client
+        raise BadRequestError("not a readable image (png, jpeg, webp, gif or bmp)", param=param) from None

@@ -13,16 +13,29 @@ never collide with an old `name@N` still loaded in a running service (old weight
 adapter's cached blocks). The file also carries a registry-wide `revision`, incremented by every write.
 Files written before these fields existed still load: both are computed from the versions they hold.
 
+The file lock serializes the writers that share one file system. Where every writer has its own
+copy of the file that a commit publishes (Modal: each container mounts its own view of a Volume, and
+the last commit wins), a process installs a write guard (`use_write_guard`): every write then runs
+inside it, after the local lock, so the guard can take a lock shared by all copies, fetch the newest
+file, and publish the write before anyone else may start one (`deploy/modal_app.py`'s
+`VolumeWriteGuard`). The read-modify-write of each method is then one transaction across copies.
+Writes keep the file's permissions (a new file gets the umask's).
+
 The seed's format (`{"name": "/path/to/adapter"}`) is still read: each entry becomes a task
 adapter, except one named `router`, which routes among the others.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,12 +232,58 @@ def _dump_entry(entry: AdapterEntry) -> dict[str, Any]:
     return data
 
 
+WriteGuard = Callable[[Path], AbstractContextManager[object]]
+_write_guard: WriteGuard | None = None
+_lock_dir: Path | None = None
+
+
+def use_write_guard(guard: WriteGuard | None, lock_dir: Path | None = None) -> None:
+    """Run every registry write of this process inside `guard(path)` (None: the file lock alone),
+    with the file locks in `lock_dir` instead of beside the file (a Modal Volume cannot reload while
+    a lock file on it is open). Applies to `Registry` objects made afterwards."""
+    global _write_guard, _lock_dir
+    _write_guard, _lock_dir = guard, lock_dir
+
+
+def _lock_path(path: Path) -> Path:
+    if _lock_dir is None:
+        return Path(str(path) + ".lock")
+    _lock_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return _lock_dir / f"{path.name}.{digest}.lock"
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a rewrite of `path` keeps: its own, or for a new file what the umask allows."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 class Registry:
     """The registry file: read cheaply, write atomically under a lock."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = FileLock(str(self.path) + ".lock", timeout=60)
+        self._file_lock = FileLock(str(_lock_path(self.path)), timeout=60)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One write transaction: the file lock, then the process's write guard if it has one."""
+        with self._file_lock:
+            if _write_guard is None:
+                yield
+                return
+            with _write_guard(self.path):
+                yield
+
+    def read_lock(self) -> AbstractContextManager[object]:
+        """The local file lock alone: holds off this file system's writers (a volume reload must not
+        land in the middle of a write)."""
+        return self._file_lock
 
     def signature(self) -> tuple[int, int, int] | None:
         """Changes whenever the file is replaced; the service polls it to pick up registrations."""
@@ -254,8 +313,10 @@ class Registry:
         for stale in self.path.parent.glob(self.path.name + ".*.tmp"):
             # left by a writer killed mid-write: every writer holds the lock, so no live one owns it
             stale.unlink(missing_ok=True)
+        mode = _file_mode(self.path)
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
+            os.fchmod(fd, mode)  # mkstemp makes 0600: the registry would lose its group's read access
             with os.fdopen(fd, "w") as handle:
                 handle.write(payload)
                 handle.flush()
@@ -276,7 +337,7 @@ class Registry:
         promote once it has loaded. Its number is the entry's `next_version`: never one issued before
         for this name, even after the adapter was removed. Re-registering a removed name brings the
         entry back with its history."""
-        with self._lock:
+        with self._lock():
             snap = self.load()
             entry = snap.entries.get(version.name)
             if entry is not None and entry.kind != version.kind:
@@ -305,7 +366,7 @@ class Registry:
     def activate(self, name: str, version: int | None = None) -> AdapterVersion:
         """Make `version` active (promotion, or restoring a removed adapter); without a version, roll
         back to the previous one, or for a removed adapter restore the version that was active."""
-        with self._lock:
+        with self._lock():
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None:
@@ -367,7 +428,7 @@ class Registry:
 
     def set_status(self, name: str, version: int, status: Status) -> AdapterVersion:
         """Mark a non-active version (e.g. a candidate refused by the evaluation gate)."""
-        with self._lock:
+        with self._lock():
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None:
@@ -385,7 +446,7 @@ class Registry:
         """Take back a version that was registered but would not load: it is marked failed and the
         version it replaced is active again (after a first version, none is), in one locked write.
         The failed version stays in the history, so its number is never issued again."""
-        with self._lock:
+        with self._lock():
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None or all(v.version != version for v in entry.versions):
@@ -409,7 +470,7 @@ class Registry:
     def remove(self, name: str) -> AdapterEntry:
         """Retire adapter `name`: nothing of it serves any more, and its whole history stays in the
         file (`activate` or `restore` brings it back). Removing a removed adapter changes nothing."""
-        with self._lock:
+        with self._lock():
             snap = self.load()
             entry = snap.entries.get(name)
             if entry is None:

@@ -48,8 +48,24 @@ class Settings(BaseSettings):
     admin_open: bool = Field(False, description="local development only: without any API keys, let anyone who "
                              "can reach the server change adapters (else the admin API is read-only without "
                              "LORAMUX_ADMIN_API_KEYS)")
-    metrics_require_key: bool = Field(False, description="protect /metrics with an API key")
+    metrics_public: bool = Field(False, description="with API keys set, serve /metrics without a key (else it "
+                                 "needs one; without any keys it is always open)")
+    allowed_hosts: CommaList = Field(default_factory=list, description="a keyless loopback server answers only "
+                                     "Host localhost, 127.0.0.1 and [::1], and these (DNS-rebinding guard)")
     cors_origins: CommaList = Field(default_factory=list, description="CORS allowed origins (off if empty)")
+
+    # connections (uvicorn)
+    max_connections: int = Field(256, ge=1, description="open connections before uvicorn answers 503")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a complete request head "
+                                    "within this, else it is closed")
+    max_header_bytes: int = Field(16384, ge=1024, description="a request head (request line and "
+                                  "headers) still incomplete beyond this many bytes is refused with 400")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (else 408)")
+    send_buffer_bytes: int = Field(65536, ge=4096, description="per connection: kernel send buffer (SO_SNDBUF) and "
+                                   "uvicorn's write buffer, so a client that reads slowly pins this much, not MBs")
+    stream_drain_timeout_s: float = Field(10.0, gt=0, description="after its generation ended, a stream's client "
+                                          "has this long to read the rest before the connection is closed")
 
     # limits
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
@@ -70,13 +86,23 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest encoded image (data URL or fetched)")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height")
     allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
-    image_fetch_timeout_s: float = Field(10.0, gt=0, description="timeout for fetching one image URL")
+    image_fetch_timeout_s: float = Field(10.0, gt=0, description="total time for fetching one image URL "
+                                         "(resolution, connection and body)")
+    image_decode_workers: int = Field(2, ge=1, description="threads decoding images (off the event loop)")
+    image_fetch_concurrency: int = Field(8, ge=1, description="image URLs fetched at once (more wait, within "
+                                         "their timeout)")
+    image_url_hosts: list[str] = Field(default_factory=list, description="when set, the only hosts image URLs "
+                                       "may name (`.example.com`: it and its subdomains)")
+    image_url_allow_private: bool = Field(False, description="fetch image URLs from loopback and private "
+                                          "addresses too (local development only: it opens SSRF)")
 
     # routing
     router: str | None = Field(None, description="router adapter to use (default: the registry's router)")
     route_threshold: float = Field(0.0, ge=0.0, le=1.0, description="below this confidence, fall back")
     fallback: str = Field("base", description="'base' (no adapter) or a task adapter name")
     shadow_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of requests shadow-routed")
+    shadow_max_inflight: int = Field(4, ge=1, description="shadow decisions running at once; a request "
+                                     "sampled beyond that is not shadowed")
     gate_min_accuracy: float = Field(0.9, ge=0.0, le=1.0, description="onboarding: candidate router accuracy floor")
     gate_max_recall_drop: float = Field(0.05, ge=0.0, le=1.0,
                                         description="onboarding: most an existing expert's recall may drop")
@@ -90,7 +116,7 @@ class Settings(BaseSettings):
     tower_lora: bool = Field(False, description="vLLM, vision-language models: also apply adapters' LoRA "
                              "weights on the vision tower and connector (else language model only)")
 
-    @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -121,3 +147,9 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys or self.admin_api_keys)
+
+    @property
+    def checks_host(self) -> bool:
+        """A keyless server on a loopback address trusts whoever reaches it, so it must make sure
+        the request was meant for it: a browser tricked by DNS rebinding sends the attacker's name."""
+        return not self.auth_enabled and self.host in LOOPBACK_HOSTS

@@ -67,6 +67,7 @@ class ServiceState:
     draining: bool = False
     created: int = 0
     shadow_stats: dict = field(default_factory=dict)
+    shadow_tasks: set = field(default_factory=set)  # shadow decisions running beside the requests
 
     def ticket(self) -> Ticket:
         """Admission for one inference request: 503 while draining or loading, 429 when full."""

@@ -20,7 +20,8 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "ANY
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert body["error"]["request_id"] == response.headers["x-request-id"]
     assert body["error"]["code"] == status and body["error"]["message"]
     if param != "ANY":
         assert body["error"]["param"] == param

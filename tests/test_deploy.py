@@ -36,15 +36,16 @@ from modal._utils.async_utils import synchronizer  # noqa: E402
 from modal.cli.run import _get_click_command_for_local_entrypoint  # noqa: E402
 
 import deploy.modal_app as modal_app  # noqa: E402
+from service.registry import use_write_guard  # noqa: E402
 from service.settings import PROJECT_ROOT, Settings  # noqa: E402
 
 DOCKERFILE = PROJECT_ROOT / "deploy" / "Dockerfile"
 # `.local()` warns that volumes are not mounted: here they are plain folders on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:The .* function is executing locally:UserWarning")
 
-REMOTE_FUNCTIONS = ("remote_dataset", "remote_train", "remote_eval", "remote_register", "remote_onboard",
-                    "remote_router")
-ENTRYPOINTS = ("dataset", "train", "eval", "register", "onboard", "router", "smoke")
+REMOTE_FUNCTIONS = ("remote_dataset", "remote_train", "remote_eval", "remote_stacked", "remote_register",
+                    "remote_onboard", "remote_router")
+ENTRYPOINTS = ("dataset", "train", "eval", "stacked", "register", "onboard", "router", "smoke")
 
 
 def impl(obj: Any) -> Any:
@@ -256,7 +257,7 @@ class FakeVolume:
 
 
 @pytest.fixture
-def volume_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, list[str]]:
+def volume_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     """A training container, locally: the adapters volume is `tmp_path`, volumes record commits/reloads."""
     monkeypatch.setenv("LORAMUX_ADAPTER_ROOT", str(tmp_path))
     monkeypatch.setenv("LORAMUX_REGISTRY", str(tmp_path / "registry" / "loras.json"))
@@ -266,7 +267,20 @@ def volume_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, 
     monkeypatch.setattr(modal_app, "registry_volume", FakeVolume("registry", log))
     monkeypatch.setattr(modal_app, "models_volume", FakeVolume("models", log))
     monkeypatch.setattr(modal_app, "running_in_modal", lambda: True)
-    return tmp_path, log
+    monkeypatch.setattr(modal_app, "registry_locks", MemoryLocks())
+    monkeypatch.setattr(modal_app, "LOCK_DIR", tmp_path / "locks")
+    yield tmp_path, log
+    use_write_guard(None)  # the functions install it process-wide, as in a container
+
+
+class MemoryLocks(dict):
+    """A `modal.Dict` for one process: put-if-absent, get, pop."""
+
+    def put(self, key: Any, value: Any, *, skip_if_exists: bool = False) -> bool:
+        if skip_if_exists and key in self:
+            return False
+        self[key] = value
+        return True
 
 
 def imported_names(function: Any) -> set[tuple[str, str]]:
@@ -389,8 +403,8 @@ def test_remote_register_commits_the_registry(monkeypatch: pytest.MonkeyPatch, v
     assert labels == ["lights", "timer"]
     assert isinstance(context, register.RegistryContext) and context.settings.registry == root / "registry/loras.json"
     assert result == {"name": "router", "kind": "router", "version": 2, "path": "runs/r/final"}
-    # the registry is committed after registering, so serving containers never see half a registration
-    assert log == ["reload adapters", "reload registry", "commit registry", "commit models"]
+    # fake_register writes nothing: no registry commit (a real write commits itself, see the router test)
+    assert log == ["reload adapters", "reload registry", "commit models"]
 
 
 def test_remote_onboard_runs_onboard_and_commits_adapters_before_the_registry(monkeypatch: pytest.MonkeyPatch,
@@ -415,7 +429,7 @@ def test_remote_onboard_runs_onboard_and_commits_adapters_before_the_registry(mo
     assert kwargs["promote"] is False and kwargs["expert_options"]["max_steps"] == 3
     assert kwargs["router_options"]["max_steps"] == 5
     assert result["routing_dataset"] == "datasets/onboard_x/routing" and result["gate"] == {"passed": True}
-    assert log == ["reload adapters", "reload registry", "commit adapters", "commit models", "commit registry"]
+    assert log == ["reload adapters", "reload registry", "commit adapters", "commit models"]
 
 
 def test_remote_router_promotes_and_rolls_back_on_the_registry_volume(volume_root: Any) -> None:
@@ -434,7 +448,10 @@ def test_remote_router_promotes_and_rolls_back_on_the_registry_volume(volume_roo
     promoted = modal_app.remote_router.local("promote")
     assert promoted["active_version"] == 2 and registry.load().router().path == "r2"
     assert modal_app.remote_router.local("rollback")["active_version"] == 1
-    assert log == ["reload registry", "reload registry", "commit registry", "reload registry", "commit registry"]
+    # status only reads; each write is one transaction: adapters committed, registry reloaded, written, committed
+    write = ["reload registry", "commit adapters", "reload registry", "commit registry"]
+    assert log == ["reload registry", *write, *write]
+    assert not modal_app.registry_locks  # the lock was released after each write
     with pytest.raises(ValueError, match="promote, rollback or status"):
         modal_app.remote_router.local("delete")
 
@@ -452,6 +469,7 @@ def test_local_entrypoints_parse_their_command_lines() -> None:
         "onboard": ["--name", "robots", "--dataset", "robots.jsonl", "--train", "--no-promote"],
         "router": ["--action", "promote", "--version", "3"],
         "smoke": ["--url", "https://example.invalid"],
+        "stacked": ["--routing-run", "router-v2", "--routing-dataset", "datasets/routing", "--max-samples", "10"],
     }
     for name, args in argv.items():
         command = _get_click_command_for_local_entrypoint(modal_app.app, synchronizer._translate_out(
@@ -485,7 +503,7 @@ def test_dataset_entrypoint_uploads_local_files(monkeypatch: pytest.MonkeyPatch,
 # ---- the serving container's volume refresh ----------------------------------------------------------------
 
 
-def test_volume_refresher_reloads_adapters_before_registry_and_publishes_local_writes(tmp_path: Path) -> None:
+def test_volume_refresher_reloads_adapters_before_registry_and_never_commits(tmp_path: Path) -> None:
     registry = tmp_path / "loras.json"
     registry.write_text("{}")
     log: list[str] = []
@@ -493,11 +511,9 @@ def test_volume_refresher_reloads_adapters_before_registry_and_publishes_local_w
     assert refresher.tick() == "reloaded"
     assert log == ["reload adapters", "reload registry"]
     log.clear()
-    registry.write_text('{"adapters": {}}')  # the admin API wrote it in this container
-    assert refresher.tick() == "committed"
-    assert log == ["commit registry", "reload adapters", "reload registry"]
-    log.clear()
+    registry.write_text('{"adapters": {}}')  # a local write published itself: nothing to commit here
     assert refresher.tick() == "reloaded"
+    assert log == ["reload adapters", "reload registry"]
 
 
 # ---- smoke check -------------------------------------------------------------------------------------------

@@ -176,8 +176,8 @@ def plain_peft_scores(base_model, adapter_path, prompt_ids, answers) -> list[flo
 
 
 def test_colliding_names_score_in_one_batched_pass(engine_and_refs, base_model, task_adapters):
-    """Names that share tokens or are token prefixes of each other: one prefill of the prompt plus
-    one batched pass over the names, and the same totals as scoring every full name on its own."""
+    """Names that share tokens or are token prefixes of each other: one forward over the user's part
+    of the prompt and the names' prefix tree, and the same totals as scoring every full name on its own."""
     from service.prompts import end_of_turn_id
     from service.routing.router import Router
 
@@ -196,7 +196,7 @@ def test_colliding_names_score_in_one_batched_pass(engine_and_refs, base_model, 
         batched = loop.run_until_complete(router.scores(refs["alpha"], COLLIDING_NAMES, ids))
     finally:
         hook.remove()
-    assert len(calls) == 2  # the user's part of the prompt, then every name together
+    assert len(calls) == 1  # the user's part of the prompt and every name together
     expected = plain_peft_scores(base_model, task_adapters["alpha"], ids, answers)
     assert batched == pytest.approx(expected, abs=2e-4)
     # adding a colliding name leaves the other names' scores as they were

@@ -212,3 +212,23 @@ def test_onboard_refuses_garbage_before_training(world: dict, tmp_path: Path) ->
     with pytest.raises(Exception, match=r"bad\.jsonl:2"):
         onboard("broken", bad, adapter=None, train=True, settings=world["settings"])
     assert "broken" not in Registry(world["settings"].registry).load().entries
+
+
+def test_new_weights_for_a_serving_name_wait_for_the_gate(world: dict) -> None:
+    """Onboarding a name that already serves registers the new weights as a candidate: a refused
+    gate leaves the version that was active answering, in the registry and on the live server."""
+    server, settings, tasks = world["server"], world["settings"], world["tasks"]
+    registry = Registry(settings.registry)
+    before = registry.load().entries["lights"].active
+    other = settings.adapter_root / registry.load().entries["timer"].active.path  # valid weights, not lights'
+    pinned = {"prompt": _texts(tasks["lights"])[0], "adapter": "lights", "max_tokens": 2}
+    assert httpx.post(f"{server.url}/generate", json=pinned, timeout=60).json()["version"] == before.version
+    done = _cli(world["env"], "onboard", "--name", "lights", "--dataset", str(tasks["lights"] / "all.jsonl"),
+                "--adapter", str(other), "--router-steps", "2", "--floor", "1.01")
+    assert done.returncode == 3 and "refused by the gate" in done.stdout, done.stdout + done.stderr
+    assert "as a candidate" in done.stdout, done.stdout
+    entry = registry.load().entries["lights"]
+    assert entry.active.version == before.version
+    assert entry.versions[-1].status == "candidate" and entry.versions[-1].version > before.version
+    time.sleep(2)  # a few registry polls: the candidate must not be picked up by name
+    assert httpx.post(f"{server.url}/generate", json=pinned, timeout=60).json()["version"] == before.version

@@ -58,7 +58,7 @@ def main(main_root, tmp_path_factory) -> Iterator[ServerProcess]:
     root, registry = main_root
     server = start_server(
         root, registry, tmp_path_factory.mktemp("reliability") / "main.log",
-        api_keys=USER, admin_api_keys=ADMIN, metrics_require_key=True,
+        api_keys=USER, admin_api_keys=ADMIN,
         max_body_bytes=65536, max_messages=4, max_stop=2, max_tokens_limit=400, default_max_tokens=16,
         max_model_len=512, request_timeout_s=DEADLINE_S, max_lora_rank=MAX_RANK, max_queue=256,
     )
@@ -85,7 +85,8 @@ def post(server: ServerProcess, path: str, payload: dict, headers: dict | None =
 def assert_error(response: httpx.Response, status: int, param: str | None = "ANY") -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    assert set(error) == {"message", "type", "param", "code", "request_id"} and error["code"] == status
+    assert error["message"] and error["request_id"] == response.headers["x-request-id"]
     if param != "ANY":
         assert error["param"] == param, error
     return error

@@ -35,3 +35,13 @@ def test_quick_demo_trains_evaluates_and_registers(quick_demo) -> None:
     assert result.report_dir is not None and (result.report_dir / "router" / "confusion.png").is_file()
     assert 0.0 <= result.summary["router"]["accuracy"] <= 1.0
     assert any("demo finished" in line for line in lines)
+    # the whole pipeline's figures, next to the router's and the experts' (issue 16)
+    stacked = result.summary["stacked"]
+    written = json.loads((result.report_dir / "stacked" / "report.json").read_text())
+    assert stacked["n"] == written["n"] == plan.stacked_eval_limit == sum(stacked["outcomes"].values())
+    assert {k: stacked[k] for k in ("routing_accuracy", "end_to_end", "oracle", "base")} == {
+        k: round(written[k], 4) for k in ("routing_accuracy", "end_to_end", "oracle", "base")}
+    assert len((result.report_dir / "stacked" / "examples.jsonl").read_text().splitlines()) == stacked["n"]
+    assert snapshot.entries["router"].active.metrics["stacked"] == stacked
+    printed = next(line for line in lines if line.strip().startswith("stacked"))
+    assert f"on {stacked['n']} requests" in printed and "end to end" in printed

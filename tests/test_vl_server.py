@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import random
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,7 @@ import openai
 import pytest
 
 from service.base_model import resolve_base_model
-from service.errors import BadRequestError, PayloadTooLargeError
+from service.errors import BadRequestError
 from service.multimodal import image_bytes
 from service.registration import register_adapter
 from service.settings import Settings
@@ -31,20 +32,25 @@ MAX_IMAGE_BYTES = 64 * 1024
 MAX_PIXELS = 600 * 600
 
 
-@pytest.fixture(scope="module")
-def vl_server(tiny_vl: Path, vl_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("vl-server")
+def start_vl_server(tiny_vl: Path, vl_adapters: dict[str, Path], root: Path, env: dict[str, str]) -> ServerProcess:
+    """The tiny VL model serving alpha, beta and the router over them, with `env` on top."""
     settings = Settings(base_model=str(tiny_vl), registry=root / "loras.json", adapter_root=vl_adapters["alpha"].parent,
                         cache_dir=root / "cache")
     base = resolve_base_model(str(tiny_vl), settings.cache_dir)
     for name in ("alpha", "beta"):
         register_adapter(settings, base, "task", name, vl_adapters[name])
     register_adapter(settings, base, "router", "router", vl_adapters["router"], labels=("alpha", "beta"))
-    env = {"LORAMUX_BASE_MODEL": str(tiny_vl), "LORAMUX_REGISTRY": str(settings.registry),
-           "LORAMUX_ADAPTER_ROOT": str(settings.adapter_root), "LORAMUX_CACHE_DIR": str(settings.cache_dir),
-           "LORAMUX_MAX_MODEL_LEN": "1024", "LORAMUX_MAX_IMAGES": "2",
-           "LORAMUX_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "LORAMUX_MAX_IMAGE_PIXELS": str(MAX_PIXELS)}
-    server = ServerProcess(env).start(root / "server.log")
+    return ServerProcess({"LORAMUX_BASE_MODEL": str(tiny_vl), "LORAMUX_REGISTRY": str(settings.registry),
+                          "LORAMUX_ADAPTER_ROOT": str(settings.adapter_root),
+                          "LORAMUX_CACHE_DIR": str(settings.cache_dir), "LORAMUX_MAX_MODEL_LEN": "1024",
+                          **env}).start(root / "server.log")
+
+
+@pytest.fixture(scope="module")
+def vl_server(tiny_vl: Path, vl_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = start_vl_server(tiny_vl, vl_adapters, tmp_path_factory.mktemp("vl-server"), {
+        "LORAMUX_MAX_IMAGES": "2", "LORAMUX_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+        "LORAMUX_MAX_IMAGE_PIXELS": str(MAX_PIXELS)})
     yield server.url
     server.stop()
 
@@ -104,8 +110,15 @@ def test_route_and_generate_see_the_image(vl_server: str) -> None:
     assert generated.json()["adapter"] in {"alpha", "beta"} and generated.json()["usage"]["completion_tokens"] == 3
 
 
+def _tiff() -> bytes:
+    from PIL import Image
+
+    return encoded(Image.new("RGB", (8, 8)), "TIFF")  # Pillow reads it, the server declares no TIFF
+
+
 BAD_IMAGES = [
     ("not an image", png_url(b"definitely not a png"), 400, "not a readable image"),
+    ("undeclared format", png_url(_tiff()), 400, "not a readable image"),
     ("invalid base64", "data:image/png;base64,@@@@", 400, "not valid base64"),
     ("not base64", "data:image/png,rawbytes", 400, "must be base64"),
     ("wrong media type", png_url(b"x", "text/plain"), 400, "unsupported image type"),
@@ -125,6 +138,7 @@ def test_bad_images_are_refused_with_a_4xx(vl_server: str, case: str, url: str, 
         assert response.status_code == status, (path, response.text)
         error = response.json()["error"]
         assert message in error["message"] and error["param"] == "messages.0.content.0.image_url.url", error
+        assert not re.search(r"object at|0x[0-9a-f]{6,}", error["message"]), error  # no repr of Pillow's file object
     assert httpx.get(f"{vl_server}/ready", timeout=10).status_code == 200
 
 
@@ -150,8 +164,10 @@ def test_a_text_only_base_model_refuses_images(server) -> None:
 
 class _ImageHandler(BaseHTTPRequestHandler):
     payload = b""
+    seen: list[tuple[str, str | None]] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append((self.path, self.headers.get("Host")))
         status = 200 if self.path == "/red.png" else 404
         self.send_response(status)
         self.end_headers()
@@ -168,6 +184,7 @@ def image_site() -> Iterator[str]:
 
     noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))  # ~12 kB as PNG
     _ImageHandler.payload = encoded(noise)
+    _ImageHandler.seen = []
     site = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     threading.Thread(target=site.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{site.server_address[1]}"
@@ -175,12 +192,103 @@ def image_site() -> Iterator[str]:
 
 
 def test_image_urls_are_fetched_only_when_allowed_and_within_the_limit(image_site: str) -> None:
-    allowed = Settings(allow_image_urls=True)
+    local = Settings(allow_image_urls=True, image_url_allow_private=True)  # the site is on loopback
     fetch = asyncio.run
-    assert fetch(image_bytes(f"{image_site}/red.png", allowed, "p")) == _ImageHandler.payload
-    with pytest.raises(BadRequestError, match="HTTP 404"):
-        fetch(image_bytes(f"{image_site}/missing.png", allowed, "p"))
-    with pytest.raises(PayloadTooLargeError):
-        fetch(image_bytes(f"{image_site}/red.png", Settings(allow_image_urls=True, max_image_bytes=1024), "p"))
+    assert fetch(image_bytes(f"{image_site}/red.png", local, "p")) == _ImageHandler.payload
+    with pytest.raises(BadRequestError, match="could not be fetched"):
+        fetch(image_bytes(f"{image_site}/missing.png", local, "p"))
+    small = Settings(allow_image_urls=True, image_url_allow_private=True, max_image_bytes=1024)
+    with pytest.raises(BadRequestError, match="could not be fetched"):  # the same words for every failure
+        fetch(image_bytes(f"{image_site}/red.png", small, "p"))
     with pytest.raises(BadRequestError, match="not fetched"):
         fetch(image_bytes(f"{image_site}/red.png", Settings(), "p"))
+    requests = len(_ImageHandler.seen)
+    with pytest.raises(BadRequestError, match="could not be fetched"):  # public addresses only, by default
+        fetch(image_bytes(f"{image_site}/red.png", Settings(allow_image_urls=True), "p"))
+    assert len(_ImageHandler.seen) == requests  # refused before connecting
+
+
+def test_the_fetch_connects_to_the_address_it_checked(image_site: str) -> None:
+    from service.image_fetch import ImageFetcher
+
+    port = int(image_site.rsplit(":", 1)[1])
+    answers = iter([["127.0.0.1"], ["10.0.0.1"]])  # a second lookup would get another address
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return next(answers)
+
+    fetcher = ImageFetcher(Settings(allow_image_urls=True, image_url_allow_private=True), rebinding)
+    assert asyncio.run(fetcher.fetch(f"http://images.example:{port}/red.png", "p")) == _ImageHandler.payload
+    assert _ImageHandler.seen == [("/red.png", f"images.example:{port}")]  # one lookup; its host kept
+
+    async def private(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "192.168.1.7"]  # one private answer is enough to refuse
+
+    with pytest.raises(BadRequestError, match="could not be fetched"):
+        asyncio.run(ImageFetcher(Settings(allow_image_urls=True), private).fetch("http://mixed.example/a.png", "p"))
+    listed = Settings(allow_image_urls=True, image_url_allow_private=True, image_url_hosts=[".example"])
+    assert asyncio.run(ImageFetcher(listed, lambda h, p: _answer("127.0.0.1")).fetch(
+        f"http://img.example:{port}/red.png", "p")) == _ImageHandler.payload
+    with pytest.raises(BadRequestError, match="could not be fetched"):
+        asyncio.run(ImageFetcher(listed, lambda h, p: _answer("127.0.0.1")).fetch(f"{image_site}/red.png", "p"))
+
+
+async def _answer(address: str) -> list[str]:
+    return [address]
+
+
+NON_PUBLIC = ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
+              "224.0.0.1", "::1", "::", "fc00::1", "fd00:ec2::254", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1",
+              "2002:7f00:1::", "2002:a9fe:a9fe::"]
+
+
+@pytest.mark.parametrize("address", NON_PUBLIC)
+def test_non_public_addresses_are_recognised(address: str) -> None:
+    import ipaddress
+
+    from service.image_fetch import is_public
+
+    assert not is_public(ipaddress.ip_address(address))
+
+
+def test_public_addresses_are_recognised() -> None:
+    import ipaddress
+
+    from service.image_fetch import is_public
+
+    assert all(is_public(ipaddress.ip_address(a)) for a in ("8.8.8.8", "93.184.216.34", "2606:4700::1111",
+                                                           "::ffff:8.8.8.8"))
+
+
+@pytest.fixture(scope="module")
+def url_server(tiny_vl: Path, vl_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A vision server that fetches image URLs (`LORAMUX_ALLOW_IMAGE_URLS`), with the default guards."""
+    server = start_vl_server(tiny_vl, vl_adapters, tmp_path_factory.mktemp("vl-url-server"), {
+        "LORAMUX_ALLOW_IMAGE_URLS": "1", "LORAMUX_IMAGE_FETCH_TIMEOUT_S": "5"})
+    yield server.url
+    server.stop()
+
+
+SSRF_URLS = ["http://127.0.0.1:{port}/red.png", "http://localhost:{port}/red.png", "http://[::1]:{port}/red.png",
+             "http://[::ffff:127.0.0.1]:{port}/red.png", "http://2130706433:{port}/red.png",
+             "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/a.png", "http://[fd00:ec2::254]/a.png",
+             "http://0.0.0.0:{port}/red.png", "http://user:pw@127.0.0.1:{port}/red.png"]
+
+
+def test_the_server_never_fetches_from_its_own_network(url_server: str, image_site: str) -> None:
+    """Loopback, private, link-local (cloud metadata), ULA and mapped forms: one 400 with the same
+    words for all, quickly (nothing is connected to), and the local site sees no request."""
+    port = int(image_site.rsplit(":", 1)[1])
+    messages = set()
+    for template in SSRF_URLS:
+        url = template.format(port=port)
+        response = httpx.post(f"{url_server}/v1/chat/completions", timeout=30,
+                              json={"model": "alpha", "messages": image_chat(url), "max_tokens": 1})
+        assert response.status_code == 400, (url, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "messages.0.content.0.image_url.url", error
+        messages.add(error["message"])
+        assert response.elapsed.total_seconds() < 4, url  # refused, not timed out
+    assert len(messages) == 1 and "could not be fetched" in messages.pop()
+    assert _ImageHandler.seen == []
+    assert httpx.get(f"{url_server}/ready", timeout=10).status_code == 200

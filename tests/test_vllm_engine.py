@@ -25,7 +25,7 @@ import tests.test_openai_api as openai_suite  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
 from service.engine.vllm_engine import VLLMEngine  # noqa: E402
-from service.errors import EngineError  # noqa: E402
+from service.errors import EngineError, GenerationInterruptedError  # noqa: E402
 from service.routing.router import Router  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import CACHE_DIR, TASK_ADAPTERS  # noqa: E402
@@ -171,13 +171,19 @@ def test_abort_frees_the_slot(engines):
         gen = engine.generate("stopped", chat_ids(engine, PROMPTS[1]), engines.refs["beta"], long)
         await anext(gen)
         await engine.abort("stopped")
-        last = None
         async for delta in gen:
-            last = delta
-        return last
+            assert delta.finish_reason != "abort"
 
-    last = engines.run(explicit_abort())
-    assert last is not None and last.finish_reason == "abort" and last.completion_tokens < 400
+    with pytest.raises(GenerationInterruptedError):  # as on the embedded engine: no "abort" finish reason
+        engines.run(explicit_abort())
+    assert _settles(engines)
+
+
+def test_a_cut_generation_ends_as_on_the_embedded_engine(engines, task_adapters):
+    from tests.test_engine_interruptions import EXPECTED, interruptions
+
+    ref = AdapterRef("cut", 1, task_adapters["gamma"])
+    assert engines.run(interruptions(engines.vllm, ref)) == EXPECTED
     assert _settles(engines)
 
 

@@ -33,6 +33,12 @@ class AdapterKind(StrEnum):
     task = "task"
 
 
+class EvalKind(StrEnum):
+    router = "router"
+    task = "task"
+    stacked = "stacked"  # route, answer with the chosen expert, score (training.stacked)
+
+
 class CliError(Exception):
     """An expected failure: printed as one plain `error: ...` line (exit code 2), like `loramux serve`.
 
@@ -197,24 +203,35 @@ def train_command(
 
 
 def eval_command(
-    kind: Annotated[AdapterKind, typer.Option(help="router or task")],
+    kind: Annotated[EvalKind, typer.Option(help="router, task or stacked (route, answer with the chosen expert, "
+                                                "score)")],
     dataset: Annotated[Path, typer.Option(help="dataset folder (its eval split is used) or a chat JSONL")],
     adapter: Annotated[Path | None, typer.Option(help="adapter folder (a run folder or its final/)")] = None,
     name: Annotated[str | None, typer.Option(help="a registered adapter instead of --adapter")] = None,
     split: Annotated[str, typer.Option(help="train, val or eval")] = "eval",
-    limit: Annotated[int | None, typer.Option(help="evaluate a seeded sample of this many examples")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "--max-samples",
+                                              help="evaluate a seeded sample of this many examples")] = None,
     labels: Annotated[str | None, typer.Option(help="router candidates, comma-separated (default: its labels)")]
     = None,
+    router: Annotated[str | None, typer.Option(help="stacked: the registered router (default: the active one)")]
+    = None,
+    server: Annotated[str | None, typer.Option(
+        help="stacked: evaluate through the service at this URL (key from LORAMUX_API_KEY)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="stacked: new tokens per answer")] = 160,
     out: Annotated[Path | None, typer.Option(help="report folder (default reports/eval_<name>_<timestamp>)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report instead of tables")] = False,
 ) -> None:
-    """Router (accuracy, P/R/F1, confusion, invalid names, calibration) or expert evaluation."""
+    """Router (accuracy, P/R/F1, confusion, invalid names, calibration), expert, or stacked evaluation
+    (routing accuracy, end-to-end, oracle and base scores, where the gap goes, per expert)."""
     from training.evaluate import EngineSession, evaluate_expert_async, evaluate_router_async
     from training.reports import report_text, write_report
 
     kind_name = kind.value
     settings = _settings()
+    if kind_name == "stacked":
+        _eval_stacked(settings, dataset, split, limit, router, server, max_tokens, out, as_json)
+        return
     candidates = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     path = _adapter_path(settings, adapter, name, kind_name)
     if kind_name == "router" and name and candidates is None:
@@ -235,6 +252,30 @@ def eval_command(
     paths = write_report(evaluation.report, out_dir)
     if as_json:
         _echo_json(evaluation.report)
+    else:
+        typer.echo(report_text(evaluation.report))
+        typer.echo("\nreport: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _eval_stacked(settings: Any, dataset: Path, split: str, limit: int | None, router: str | None,
+                  server: str | None, max_tokens: int, out: Path | None, as_json: bool) -> None:
+    """`eval --kind stacked`: on an engine here over the registry's router and experts, or through `server`."""
+    from training.reports import report_text, write_report
+    from training.stacked import evaluate_stacked, setup_from_registry
+    from training.stacked_http import evaluate_stacked_server
+    from training.stacked_report import summary
+
+    if server:
+        evaluation = evaluate_stacked_server(server, dataset, split=split, limit=limit, max_tokens=max_tokens,
+                                             router=router)
+    else:
+        evaluation = evaluate_stacked(setup_from_registry(settings, router), dataset, settings, split=split,
+                                      limit=limit, max_tokens=max_tokens)
+    out_dir = out or Path.cwd() / "reports" / f"stacked_{evaluation.report['router']['name']}_" \
+                                              f"{datetime.now():%Y%m%d_%H%M%S}"
+    paths = write_report(evaluation.report, out_dir)
+    if as_json:
+        _echo_json(summary(evaluation.report))
     else:
         typer.echo(report_text(evaluation.report))
         typer.echo("\nreport: " + ", ".join(str(p) for p in paths.values()))
@@ -387,7 +428,8 @@ def onboard_command(
     result = onboard(name, dataset, adapter, train, _settings(), router_name=router, floor=floor, margin=margin,
                      promote=promote, eval_limit=eval_limit, expert_options=expert_options,
                      router_options=router_options)
-    typer.echo(f"expert {result.expert} version {result.expert_version} registered")
+    typer.echo(f"expert {result.expert} version {result.expert_version} registered"
+               + ("" if result.expert_active else " as a candidate (the active version keeps serving)"))
     verdict = "promoted" if result.promoted else ("passed the gate (candidate)" if result.gate.passed
                                                   else "refused by the gate")
     typer.echo(f"router {result.router} version {result.candidate_version}: {verdict}; "

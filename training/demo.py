@@ -3,9 +3,11 @@
 Builds the expert datasets (home-assistant-intents + ctparse), the routing dataset from the same
 files, trains each expert and the router (few hundred steps in total: the plan below is sized for
 about 40 minutes on 2 cores), evaluates them through the serving engine on their
-held-out eval splits, records the results in each adapter's `loramux.json`, registers everything
-and prints a short report. Experts are registered before the router, so a running service never
-sees a router whose candidates are missing.
+held-out eval splits, then the whole pipeline on the routing eval split (`training.stacked`: route,
+answer with the chosen expert, score, next to the true expert and the base model), records the
+results in each adapter's `loramux.json`, registers everything and prints a short report. Experts
+are registered before the router, so a running service never sees a router whose candidates are
+missing.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from training.metadata import update_metrics
 from training.register import RegistryContext, register_adapter
 from training.reports import pct, write_report
 from training.routing_dataset import build_routing_dataset
+from training.stacked import evaluate_stacked_async, router_folder_spec, setup_from_folders
 from training.task_datasets import DEMO_EXPERTS, build_task_datasets
 from training.train import TrainConfig, train_adapter
 
 ROUTER_NAME = "router"
+STACKED = "stacked"  # the report of the whole pipeline: route, answer with the chosen expert, score
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class DemoPlan:
         save_steps=40, progress=False, eval_examples=0))
     expert_eval_limit: int | None = 60
     router_eval_limit: int | None = None
+    stacked_eval_limit: int | None = 60
     expert_max_tokens: int = 160
 
     @classmethod
@@ -64,6 +69,7 @@ class DemoPlan:
             router=replace(base.router, max_steps=2, batch_size=4, save_steps=1000),
             expert_eval_limit=4,
             router_eval_limit=6,
+            stacked_eval_limit=6,
             expert_max_tokens=24,
         )
 
@@ -130,7 +136,9 @@ def run_demo(
     evaluations = asyncio.run(_evaluate(settings, base, plan, finals, tasks, routing.path))
     for name, report in evaluations.items():
         write_report(report, report_dir / name)
-        update_metrics(finals[name], "eval", _headline(report))
+        if name != STACKED:
+            update_metrics(finals[name], "eval", _headline(report))
+    update_metrics(finals[ROUTER_NAME], STACKED, _headline(evaluations[STACKED]))
     t = lap("evaluate", t)
 
     echo(f"[demo] registering in {settings.registry}")
@@ -150,6 +158,7 @@ def run_demo(
         "adapters": {n: {"path": str(finals[n]), "version": v.version} for n, v in versions.items()},
         "router": _headline(evaluations[ROUTER_NAME]),
         "experts": {n: _headline(evaluations[n]) for n in tasks},
+        "stacked": _headline(evaluations[STACKED]),
         "plan": {"experts": list(plan.experts), "per_expert": plan.per_expert,
                  "expert_steps": plan.expert.max_steps, "router_steps": plan.router.max_steps},
     }
@@ -180,10 +189,18 @@ async def _evaluate(settings: Settings, base: BaseModelInfo, plan: DemoPlan, fin
             expert = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
                                                  max_tokens=plan.expert_max_tokens)
             out[name] = expert.report
+        setup = setup_from_folders(router_folder_spec(finals[ROUTER_NAME], ROUTER_NAME),
+                                   {name: finals[name] for name in tasks})
+        stacked = await evaluate_stacked_async(session, setup, routing_path, limit=plan.stacked_eval_limit,
+                                               max_tokens=plan.expert_max_tokens)
+        out[STACKED] = stacked.report
     return out
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    if report["kind"] == STACKED:
+        return {key: round(report[key], 4) if isinstance(report[key], float) else report[key]
+                for key in ("n", "routing_accuracy", "end_to_end", "oracle", "base", "outcomes")}
     if report["kind"] == "router":
         return {
             "examples": report["examples"],
@@ -213,5 +230,11 @@ def summary_lines(summary: dict[str, Any], report_dir: Path) -> list[str]:
     for name, expert in summary["experts"].items():
         lines.append(f"  {name:8s} valid tool calls {pct(expert['valid_tool_call_rate'])}, "
                      f"exact match {pct(expert['exact_match'])} on {expert['examples']} examples")
+    stacked = summary.get(STACKED)
+    if stacked:
+        outcomes = stacked["outcomes"]
+        lines.append(f"  stacked  routing {pct(stacked['routing_accuracy'])}, end to end {pct(stacked['end_to_end'])}, "
+                     f"oracle {pct(stacked['oracle'])}, base {pct(stacked['base'])} on {stacked['n']} requests "
+                     f"({outcomes['lost_to_routing']} lost to routing, {outcomes['lost_by_expert']} by the expert)")
     lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()))
     return lines

@@ -109,7 +109,9 @@ async def _generate_all(engine: Engine, prompts: list[list[int]], ref: AdapterRe
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
-def _records(dataset: Path | str, split: str, limit: int | None, seed: int = 0) -> list[ChatRecord]:
+def sample_records(dataset: Path | str, split: str, limit: int | None, seed: int = 0) -> list[ChatRecord]:
+    """One split of a dataset, or a seeded sample of `limit` of its records in file order: every
+    evaluation of the same dataset and limit (router, expert, stacked) sees the same examples."""
     splits = load_splits(dataset, seed=seed, need_train=False)
     records = splits.split(split)
     if not records:
@@ -148,7 +150,7 @@ async def evaluate_router_async(
     ref = await session.load(adapter_ref(adapter))
     meta = read_metadata(ref.path)
     labels = list(labels or meta.get("labels") or [])
-    records = _records(dataset, split, limit)
+    records = sample_records(dataset, split, limit)
     gold = [router_gold(r) for r in records]
     if not labels:
         labels = sorted(set(gold))
@@ -245,7 +247,7 @@ async def evaluate_expert_async(
 ) -> Evaluation:
     ref = await session.load(adapter_ref(adapter))
     meta = read_metadata(ref.path)
-    records = _records(dataset, split, limit)
+    records = sample_records(dataset, split, limit)
     tool_names = list(tools or meta.get("tools") or [])
     if not tool_names:
         tool_names = sorted({c["name"] for r in records if (c := parse_tool_call(_answer(r)))})

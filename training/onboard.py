@@ -7,6 +7,13 @@ set only grows), evaluates candidate and active router on the same combined eval
 registers the candidate. The gate promotes it only if its accuracy reaches the floor and no
 existing expert's recall drops by more than the margin; otherwise the candidate is refused and
 never serves. The running service picks the promoted router up between requests.
+
+Onboarding a name that already serves (new weights for an existing expert) must not touch
+production before the gate: the new expert version is registered as a *candidate*, the routing
+dataset is built from its dataset, and it is activated together with the router only when the gate
+passes and promotion was asked for. Until then the version that was active keeps answering; a
+candidate left by `--no-promote` or a refused gate can be activated by hand
+(`loramux adapters rollback NAME --version N`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.registration import register_adapter as service_register
-from service.registry import Registry
+from service.registry import AdapterVersion, Registry
 from service.settings import Settings
 from training.chats import DatasetError, fingerprint_files, read_chats, write_jsonl
 
@@ -69,6 +76,7 @@ class OnboardResult:
     routing_dataset: Path
     report_path: Path
     seconds: dict[str, float]
+    expert_active: bool = True  # False: a new version of a serving name, waiting as a candidate
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -77,12 +85,16 @@ class OnboardResult:
         return data
 
 
-def expert_sources(settings: Settings, scratch: Path) -> dict[str, Path]:
+def expert_sources(settings: Settings, scratch: Path, pending: AdapterVersion | None = None) -> dict[str, Path]:
     """One JSONL of chats per registered task expert, from the dataset recorded at registration
-    (a file as is; a train/val/eval folder concatenated)."""
+    (a file as is; a train/val/eval folder concatenated); `pending`, a candidate version of an
+    expert being onboarded, stands in for its name's active version."""
     snapshot = Registry(settings.registry).load()
     sources: dict[str, Path] = {}
-    for version in snapshot.active_versions("task"):
+    versions = {v.name: v for v in snapshot.active_versions("task")}
+    if pending is not None:
+        versions[pending.name] = pending
+    for version in versions.values():
         recorded = version.dataset.get("path")
         if not recorded:
             raise DatasetError(settings.registry, None,
@@ -145,16 +157,18 @@ def onboard(
     seconds["expert_train"] = time.perf_counter() - started
     assert adapter is not None
     fingerprint = fingerprint_files(sorted(dataset.glob("*.jsonl")) if dataset.is_dir() else [dataset])
-    expert = service_register(settings, base, "task", name, adapter,
+    snapshot = registry.load()
+    serving = snapshot.entries.get(name)
+    replaces = serving is not None and serving.active is not None  # new weights for a name that serves
+    expert = service_register(settings, base, "task", name, adapter, activate=not replaces,
                               dataset={"path": str(dataset), "fingerprint": fingerprint})
 
-    snapshot = registry.load()
     active = snapshot.router(router_name or settings.router)
     router_name = active.name if active else (router_name or "router")
     scratch = settings.adapter_root / "datasets" / f"onboard_{name}_{stamp}"
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sources = expert_sources(settings, scratch)
+    sources = expert_sources(settings, scratch, expert if replaces else None)
     routing = build_routing_dataset(sources, scratch / "routing")
     seconds["routing_dataset"] = time.perf_counter() - started
 
@@ -169,11 +183,11 @@ def onboard(
 
     started = time.perf_counter()
     review = review_candidate(settings, router_name, trained.final_dir, routing.path, labels, floor, margin,
-                              promote, eval_limit, base)
+                              promote, eval_limit, base, expert if replaces else None)
     seconds["evaluation"] = time.perf_counter() - started
     report_path = scratch / "onboard_report.json"
     result = OnboardResult(name, expert.version, router_name, review.version, review.promoted, review.gate,
-                           routing.path, report_path, seconds)
+                           routing.path, report_path, seconds, expert_active=not replaces or review.promoted)
     report_path.write_text(json.dumps({**result.to_json(), "candidate_report": review.candidate_report,
                                        "active_report": review.active_report}, indent=2, default=str))
     return result
@@ -190,10 +204,13 @@ class Review:
 
 def review_candidate(settings: Settings, router_name: str, candidate_dir: Path, routing_dataset: Path,
                      labels: list[str], floor: float, margin: float, promote: bool = True,
-                     eval_limit: int | None = None, base: BaseModelInfo | None = None) -> Review:
+                     eval_limit: int | None = None, base: BaseModelInfo | None = None,
+                     expert: AdapterVersion | None = None) -> Review:
     """Evaluate a trained router beside the active one on the same eval split, register it as a
     candidate version, and promote it only if it passes the gate; a refused candidate is marked
-    failed, so it can neither serve nor be shadowed. Both routers are evaluated on one engine."""
+    failed, so it can neither serve nor be shadowed. Both routers are evaluated on one engine.
+    `expert`, a candidate version of an expert that already serves, is activated just before the
+    router on promotion, and otherwise left as it is."""
     from training.evaluate import EngineSession, evaluate_router_async
 
     base = base or _base(settings)
@@ -218,6 +235,8 @@ def review_candidate(settings: Settings, router_name: str, candidate_dir: Path, 
     if not verdict.passed:
         registry.set_status(router_name, candidate.version, "failed")
     elif promote:
+        if expert is not None:
+            registry.activate(expert.name, expert.version)
         registry.activate(router_name, candidate.version)
         promoted = True
     return Review(candidate.version, promoted, verdict, candidate_report, active_report)

@@ -78,6 +78,10 @@ def expert_text(report: dict[str, Any]) -> str:
 
 
 def report_text(report: dict[str, Any]) -> str:
+    if report["kind"] == "stacked":
+        from training.stacked_report import stacked_text
+
+        return stacked_text(report)
     return router_text(report) if report["kind"] == "router" else expert_text(report)
 
 
@@ -168,7 +172,11 @@ def plot_threshold_curve(report: dict[str, Any], path: Path) -> Path:
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """report.json and report.txt in `out_dir`, and for routers confusion.png, reliability.png and
-    threshold_curve.png; returns the written paths."""
+    threshold_curve.png (stacked evaluations: `training.stacked_report`); returns the written paths."""
+    if report["kind"] == "stacked":
+        from training.stacked_report import write_stacked_report
+
+        return write_stacked_report(report, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json"}
     write_json(paths["json"], report)

@@ -6,6 +6,12 @@ function serving uses, so training and serving see the same tokens. Texts are de
 (case/whitespace folded); a text claimed by two adapters is ambiguous and dropped from both; the
 split is stratified and leakage-free (see `training.splits`); only the train split is balanced,
 so val and eval keep the natural class mix.
+
+Each record also keeps what a stacked evaluation (`training.stacked`) needs to judge the expert's
+answer, so the routing folder alone is enough for it: `metadata.request`, the conversation the user
+sends (the source chat without its final answer and without system turns, which belong to the expert:
+the service supplies the chosen expert's own system prompt), and `metadata.reference`, the source
+chat's final assistant answer. Source chats without an answer (routing-only data) have neither.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.names import name_problem
-from service.prompts import router_messages
+from service.prompts import message_text, router_messages
 from training.cards import write_card
 from training.chats import ChatRecord, DatasetError, chat_key, read_chats, write_jsonl
 from training.splits import SPLITS, balance, cap_per_class, check_no_leakage, stratified_split
@@ -37,8 +43,18 @@ class Example:
     def to_json(self) -> dict[str, Any]:
         return {
             "messages": [*router_messages(self.record.messages), {"role": "assistant", "content": self.label}],
-            "metadata": {"adapter": self.label, "source": self.record.path, "line": self.record.line},
+            "metadata": {"adapter": self.label, "source": self.record.path, "line": self.record.line,
+                         **reference_fields(self.record.messages)},
         }
+
+
+def reference_fields(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """`request` and `reference` of a source chat (see the module docstring); {} without an answer."""
+    last = messages[-1]
+    answer = message_text(last.get("content")).strip() if last.get("role") == "assistant" else ""
+    if not answer:
+        return {}
+    return {"request": [m for m in messages[:-1] if m.get("role") != "system"], "reference": answer}
 
 
 @dataclass(frozen=True)

@@ -340,7 +340,7 @@ def _routing_validation(config: TrainConfig, splits: DatasetSplits, labels: list
     prompts = [prompt_ids(tokenizer, r.messages[:-1]) for r in records]
     gold = [labels.index(_label_of_router(r)) for r in records]
     answers = [answer_tokens(tokenizer, label) for label in labels]
-    return RoutingValidation(prompts, gold, answers, every=0, patience=0, pad_id=tokenizer.pad_token_id or 0)
+    return RoutingValidation(prompts, gold, answers, every=0, patience=0)
 
 
 def _warm_start(model: Any, folder: Path) -> Any:

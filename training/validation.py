@@ -1,8 +1,8 @@
 """Validation routing accuracy during router training: early stopping and the best weights kept.
 
 The router is scored on the validation split the way serving scores it: every candidate's whole
-answer (name + end-of-turn) with one prefill of the prompt and one batched pass over the names
-(`service.engine.scorer`, the embedded engine's own code), on the model being trained. The best
+answer (name + end-of-turn) in one forward over the prompt and the names' prefix tree
+(`service.engine.scorer.packed_logprobs`, the embedded engine's own code), on the model being trained. The best
 validation result (accuracy, then candidate NLL) keeps a copy of the LoRA weights in memory; after
 `patience` validations without improvement the run stops, and the best weights are restored before
 the adapter is saved. The scores of the best validation are what the calibration temperature is
@@ -36,13 +36,13 @@ class ValidationResult:
         return self.accuracy == other.accuracy and self.nll < other.nll * 0.95
 
 
-def score_examples(model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int
+def score_examples(model: Any, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]
                    ) -> list[list[float]]:
     """Every candidate answer's log-probability after every prompt (no gradients, eval mode)."""
     import torch
     from transformers import DynamicCache
 
-    from service.engine.scorer import continuation_logprobs
+    from service.engine.scorer import packed_logprobs
 
     was_training = model.training
     model.eval()
@@ -50,11 +50,7 @@ def score_examples(model: Any, prompts: Sequence[Sequence[int]], answers: Sequen
     try:
         with torch.no_grad():
             for prompt in prompts:
-                cache = DynamicCache(config=model.config)
-                out = model(input_ids=torch.tensor([list(prompt)]), past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-                rows.append(continuation_logprobs(model, cache, out.logits[0, -1], len(prompt), answers,
-                                                  pad_id=pad_id))
+                rows.append(packed_logprobs(model, DynamicCache(config=model.config), 0, prompt, answers))
     finally:
         model.train(was_training)
     return rows
@@ -70,9 +66,9 @@ class RoutingValidation(_trainer_callback_base()):  # type: ignore[misc]
     """A `TrainerCallback`: validate every `every` steps, keep the best weights, stop early."""
 
     def __init__(self, prompts: Sequence[Sequence[int]], gold: Sequence[int], answers: Sequence[Sequence[int]],
-                 every: int, patience: int, pad_id: int):
+                 every: int, patience: int):
         self.prompts, self.gold, self.answers = list(prompts), list(gold), list(answers)
-        self.every, self.patience, self.pad_id = every, patience, pad_id
+        self.every, self.patience = every, patience
         self.history: list[ValidationResult] = []
         self.best: ValidationResult | None = None
         self.best_weights: dict[str, Any] | None = None
@@ -81,7 +77,7 @@ class RoutingValidation(_trainer_callback_base()):  # type: ignore[misc]
 
     def validate(self, model: Any, step: int) -> ValidationResult:
         started = time.perf_counter()
-        scores = score_examples(model, self.prompts, self.answers, self.pad_id)
+        scores = score_examples(model, self.prompts, self.answers)
         predicted = [max(range(len(row)), key=row.__getitem__) for row in scores]
         accuracy = sum(p == g for p, g in zip(predicted, self.gold, strict=True)) / max(1, len(self.gold))
         result = ValidationResult(step, round(accuracy, 5), round(nll(scores, self.gold, 1.0), 5), scores)

@@ -26,6 +26,7 @@ from service.engine import create_engine
 from service.engine.base import Engine
 from service.metrics import Metrics
 from service.registry import Registry
+from service.request_ids import RequestIdMiddleware, install_log_records
 from service.routing.router import Router
 from service.settings import Settings
 from service.state import Admission, ServiceState
@@ -67,6 +68,7 @@ async def close_state(state: ServiceState) -> None:
 def create_app(settings: Settings | None = None, state: ServiceState | None = None) -> FastAPI:
     """Build the app. Without `state`, the lifespan builds one from `settings` (and closes it)."""
     settings = settings or (state.settings if state else Settings())
+    install_log_records()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,9 +92,13 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
     install_exception_handlers(app)
     for router in (health.router, route_router, generate_router, openai_router, admin_router):
         app.include_router(router)
+    # the last added runs first: request id, CORS (it answers preflights, and its headers reach a
+    # browser on 401s too), Host and keys, body limits, then routing
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(AuthMiddleware, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, settings=settings)
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Loramux-Adapter", "X-Loramux-Route"])
+    app.add_middleware(RequestIdMiddleware)
     return app

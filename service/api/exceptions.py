@@ -1,4 +1,9 @@
-"""The one function that maps exceptions to status codes and the error body."""
+"""The one function that maps exceptions to status codes and the error body.
+
+Errors are counted in `/metrics` by route template (`/admin/adapters/{name}`), never by the raw
+path: a client requesting random paths must not create a time series per path (unbounded label
+cardinality is a memory leak in every Prometheus client and server). Requests that match no route
+count as `unmatched`. 5xx errors are logged (with the request id, like every log line)."""
 
 from __future__ import annotations
 
@@ -16,14 +21,22 @@ log = logging.getLogger(__name__)
 HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
 
 
-def _endpoint(request: Request) -> str:
-    return request.url.path.strip("/").replace("/", "_") or "root"
+UNMATCHED = "unmatched"
+
+
+def endpoint_label(request: Request) -> str:
+    """The matched route's template as a label (`admin_adapters_{name}`), or `unmatched`."""
+    route = request.scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return UNMATCHED
+    return template.strip("/").replace("/", "_") or "root"
 
 
 def _count(request: Request, error_type: str) -> None:
     state = getattr(request.app.state, "service", None)
     if state is not None:
-        state.metrics.errors.labels(_endpoint(request), error_type).inc()
+        state.metrics.errors.labels(endpoint_label(request), error_type).inc()
 
 
 def validation_param(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -43,6 +56,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoramuxError)
     async def loramux_error(request: Request, exc: LoramuxError) -> JSONResponse:
         _count(request, exc.error_type)
+        if exc.status_code >= 500:
+            log.warning("%s %s: %d %s", request.method, endpoint_label(request), exc.status_code, exc.message)
         return JSONResponse(error_from_exception(exc), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -66,6 +81,6 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        log.exception("unhandled error on %s %s", request.method, endpoint_label(request))
         _count(request, "internal_error")
         return JSONResponse(error_body("internal server error", "internal_error", 500), status_code=500)

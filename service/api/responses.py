@@ -18,10 +18,11 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None
     code: int | str
+    request_id: str | None = None  # the response's X-Request-ID: quote it when reporting a problem
 
 
 class ErrorResponse(BaseModel):
-    """`{"error": {"message", "type", "param", "code"}}`: the shape of every error."""
+    """`{"error": {"message", "type", "param", "code", "request_id"}}`: the shape of every error."""
 
     error: ErrorDetail
 
@@ -39,6 +40,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: _error("The key may not use this route (admin routes need an admin key)"),
     404: _error("Unknown route or adapter"),
     409: _error("Conflict with the registry's state"),
+    408: _error("The request body did not arrive in time"),
     413: _error("Request body too large"),
     422: _error("The adapter failed validation or failed to load"),
     429: _error("Admission queue full", {"Retry-After": {**RETRY_AFTER["Retry-After"], "required": True}}),

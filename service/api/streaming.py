@@ -1,9 +1,20 @@
-"""Server-sent events and the headers that carry a routing decision."""
+"""Server-sent events and the headers that carry a routing decision.
+
+A stream's generation never waits for its client. Were the generation driven by the response body
+(each event generated when the previous one was sent), a client that stops reading would block
+the send once the socket buffers are full, and with it the generation, its deadline check, its
+batch slot and its admission ticket, for as long as the connection stays open. Here a task of its
+own runs the generation into a queue under the request's deadline and releases the request's slot
+the moment the generation ends; sending takes from the queue at the client's pace, and a client
+still holding events `stream_drain_timeout_s` after the generation ended has its connection closed.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -12,7 +23,10 @@ from starlette.types import Receive, Scope, Send
 
 from service.inference import Choice
 
+log = logging.getLogger(__name__)
+
 DONE = "data: [DONE]\n\n"
+_END = object()
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -20,18 +34,50 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends, even when the client disconnects
-    before the first event (when the body generator never starts and its `finally` never runs)."""
+    """An SSE response whose events are produced by their own task (see the module docstring).
+    `on_close` (the release of the request's slot) runs when the generation ends, however it ends,
+    or when the response does, even if the client disconnects before the first event."""
 
-    def __init__(self, content: Any, on_close: Callable[[], None], headers: dict[str, str] | None = None):
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], drain_timeout_s: float,
+                 headers: dict[str, str] | None = None):
+        self.events = events
         self.on_close = on_close
+        self.drain_timeout_s = drain_timeout_s
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()  # bounded by the generation's max_tokens
+        super().__init__(self._from_queue(), media_type="text/event-stream", headers=headers)
+
+    async def _produce(self) -> None:
+        try:
+            async for event in self.events:
+                self.queue.put_nowait(event)
+        finally:
+            self.queue.put_nowait(_END)
+            self.on_close()
+
+    async def _from_queue(self) -> AsyncIterator[str]:
+        while (event := await self.queue.get()) is not _END:
+            yield event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        producer = asyncio.ensure_future(self._produce())
+        sender = asyncio.ensure_future(super().__call__(scope, receive, send))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({producer, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if not sender.done():  # generated: the client has a while to read the rest
+                await asyncio.wait({sender}, timeout=self.drain_timeout_s)
+            if not sender.done():
+                log.warning("the client left %d events of its stream unread %gs after the generation ended; "
+                            "closing the connection", self.queue.qsize(), self.drain_timeout_s)
         finally:
+            # the client left (closing the events aborts the generation) or was too slow to read
+            for task in (sender, producer):
+                task.cancel()
+            sent, produced = await asyncio.gather(sender, producer, return_exceptions=True)
             self.on_close()
+        if isinstance(produced, Exception):
+            log.error("stream producer failed", exc_info=produced)
+        if isinstance(sent, Exception):
+            raise sent
 
 
 def header_value(text: str) -> str:

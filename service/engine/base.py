@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+# OpenAI's own values: a generation the engine cuts short (adapter unloaded, aborted, engine stopped)
+# does not finish, it raises `GenerationInterruptedError`, the same on both engines
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
-        """Stop a running request and free its batch slot."""
+        """Stop a running request and free its batch slot; its stream raises
+        `GenerationInterruptedError` (as it does when its adapter is removed while it runs)."""
 
     @abc.abstractmethod
     async def next_token_logprobs(
@@ -129,9 +132,10 @@ class Engine(abc.ABC):
         images: Sequence[Any] = (),
         prefix_len: int = 0,
     ) -> list[float]:
-        """Total log-probability of each continuation after the prompt, for routing: one prefill of
-        the prompt and one batched pass over the continuations' remaining tokens (their prefix tree),
-        whatever the continuations are, so a decision costs about the same for any label set.
+        """Total log-probability of each continuation after the prompt, for routing: the prompt is
+        prefilled once and the continuations' remaining tokens are scored together over their prefix
+        tree (each distinct prefix once), never one forward pass per continuation, so every label set
+        is scored by the same rule.
         `prefix_len` is the same hint as for `next_token_logprobs`."""
 
     def stats(self) -> dict[str, Any]:

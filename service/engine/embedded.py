@@ -28,7 +28,13 @@ from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
 from service.engine.vision import VisionInputs, VisionPrompt, decode_positions, mrope_positions
-from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
+from service.errors import (
+    AdapterValidationError,
+    BadRequestError,
+    EngineError,
+    GenerationInterruptedError,
+    ServiceUnavailableError,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -167,7 +173,10 @@ class EmbeddedEngine(Engine):
                     self._model, str(adapter.path), adapter_name=name, use_safetensors=True
                 )
         except Exception as exc:  # peft raises many types for bad weights; none may take the server down
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc}", param="path") from exc
+            log.warning("peft refused adapter %s: %s", adapter.key, exc)
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: peft refused its weights "
+                                         f"({type(exc).__name__}; the server log has the details)",
+                                         param="path") from exc
         self._model.eval()
         self._adapters[name] = adapter
 
@@ -181,7 +190,8 @@ class EmbeddedEngine(Engine):
         for req in self._running:
             if req.adapter == name and not req.aborted:
                 req.aborted = True
-                req.emit(EngineError(f"adapter {adapter.key} was removed while generating"))  # never a hang
+                req.emit(GenerationInterruptedError(f"adapter {adapter.key} was unloaded while generating; "
+                                                    "retry"))  # never a hang
         self._retire_finished()
         if len(self._adapters) == 1:
             # peft keeps at least one adapter; unwrap back to the bare model instead
@@ -260,8 +270,9 @@ class EmbeddedEngine(Engine):
 
     async def abort(self, request_id: str) -> None:
         req = self._requests.get(request_id)
-        if req is not None:
+        if req is not None and not req.aborted:
             req.aborted = True
+            req.emit(GenerationInterruptedError("the generation was aborted"))  # its reader must not wait on
             self._wake.set()
 
     # ---- scoring (routing) ---------------------------------------------------------------------
@@ -288,11 +299,17 @@ class EmbeddedEngine(Engine):
         images: Sequence[Any] = (),
         prefix_len: int = 0,
     ) -> list[float]:
-        """One prefill of the prompt, then one batched pass over the continuations (`scorer`)."""
+        """Text prompts: one forward over the user's part of the prompt and the names' prefix tree
+        (`scorer.packed_logprobs`); with images: one prefill, then one batched pass over the names."""
 
         def run() -> list[float]:
             name = self._adapter_name(adapter)
-            logits, cache, start, delta = self._prompt_state(list(prompt_ids), name, prefix_len, images)
+            ids = list(prompt_ids)
+            if not images:
+                cache, past = self._cached_prefix(ids, name, prefix_len)
+                return scorer.packed_logprobs(self._model, cache, past, ids[past:], continuations,
+                                              self._adapter_kwargs([name]))
+            logits, cache, start, delta = self._prompt_state(ids, name, prefix_len, images)
             return scorer.continuation_logprobs(self._model, cache, logits, start, continuations,
                                                 lambda rows: self._adapter_kwargs([name] * rows), delta,
                                                 self._tokenizer.pad_token_id or 0)
@@ -316,25 +333,30 @@ class EmbeddedEngine(Engine):
             out = self._model(input_ids=torch.tensor([vision.ids]), past_key_values=cache, use_cache=True,
                               logits_to_keep=1, **kwargs)
             return out.logits[0, -1], cache, len(vision.ids), vision.rope_delta
+        cache, past = self._cached_prefix(ids, adapter, prefix_len)
+        out = self._model(input_ids=torch.tensor([ids[past:]]), past_key_values=cache,
+                          position_ids=torch.arange(past, len(ids)).unsqueeze(0), use_cache=True, logits_to_keep=1,
+                          **kwargs)
+        return out.logits[0, -1], cache, len(ids), None
+
+    def _cached_prefix(self, ids: list[int], adapter: str, prefix_len: int) -> tuple[Any, int]:
+        """A cache holding the prompt's first `prefix_len` tokens under `adapter` (the router's fixed
+        system prompt, prefilled once per adapter and shared, never written to) and that length; an
+        empty cache and 0 when there is no such prefix or nothing would follow it."""
+        from transformers import DynamicCache
+
         if prefix_len <= 0 or prefix_len >= len(ids):
-            out = self._model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1,
-                              **kwargs)
-            return out.logits[0, -1], cache, len(ids), None
+            return DynamicCache(config=self._model.config), 0
         key = (adapter, tuple(ids[:prefix_len]))
         cached = self._prefix_cache.get(key)
         if cached is None:
             cached = DynamicCache(config=self._model.config)
             self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
-                        logits_to_keep=1, **kwargs)
+                        logits_to_keep=1, **self._adapter_kwargs([adapter]))
             if len(self._prefix_cache) >= 16:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
             self._prefix_cache[key] = cached
-        cache = kv_batch.fork(cached, self._model.config)
-        rest = torch.tensor([ids[prefix_len:]])
-        positions = torch.arange(prefix_len, len(ids)).unsqueeze(0)
-        out = self._model(input_ids=rest, past_key_values=cache, position_ids=positions, use_cache=True,
-                          logits_to_keep=1, **kwargs)
-        return out.logits[0, -1], cache, len(ids), None
+        return kv_batch.fork(cached, self._model.config), prefix_len
 
     # ---- worker thread ---------------------------------------------------------------------------
     async def _call(self, fn: Callable[[], Any]) -> Any:
@@ -372,10 +394,10 @@ class EmbeddedEngine(Engine):
             except Exception as exc:  # keep serving: fail the batch, not the process
                 log.exception("engine step failed")
                 for req in self._running:
-                    req.emit(EngineError(f"generation failed: {exc}"))
+                    req.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
                 self._running, self._cache, self._mask, self._last_tokens = [], None, None, []
         for req in [*self._running, *self._drain_waiting()]:
-            req.emit(ServiceUnavailableError("engine stopped"))
+            req.emit(GenerationInterruptedError("the engine stopped"))
 
     def _drain_waiting(self) -> list[_Request]:
         out = [self._held] if self._held is not None else []
@@ -422,7 +444,7 @@ class EmbeddedEngine(Engine):
             if req.aborted:
                 continue
             if req.adapter != BASE and req.adapter not in self._adapters:
-                req.emit(EngineError(f"adapter {req.adapter} was removed"))
+                req.emit(GenerationInterruptedError("the request's adapter was unloaded before it started; retry"))
                 continue
             if new and len(req.prompt_ids) > budget:
                 self._held = req
@@ -438,7 +460,7 @@ class EmbeddedEngine(Engine):
             # rows that never joined the batch would otherwise wait for a token forever
             for req in new:
                 if req not in self._running:
-                    req.emit(EngineError(f"generation failed: {exc}"))
+                    req.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
             raise
         return True
 

@@ -54,9 +54,15 @@ from typing import Any
 
 from service.base_model import BaseModelInfo, is_vision_language
 from service.engine import vl_cpu_shim
-from service.engine.base import AdapterRef, Engine, FinishReason, SamplingParams, TokenDelta
+from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.text_stream import TextStream
-from service.errors import AdapterValidationError, BadRequestError, EngineError, ServiceUnavailableError
+from service.errors import (
+    AdapterValidationError,
+    BadRequestError,
+    EngineError,
+    GenerationInterruptedError,
+    ServiceUnavailableError,
+)
 from service.routing.candidates import needed_steps, total
 from service.settings import Settings
 
@@ -208,6 +214,7 @@ class VLLMEngine(Engine):
         self._eos: set[int] = set()
         self._adapters: dict[str, AdapterRef] = {}  # key (name@version) -> resident version
         self._inflight: dict[str, str | None] = {}  # our request id -> adapter key (None: base model)
+        self._interrupted: dict[str, str] = {}  # request id -> why we aborted it (its stream raises that)
         self._sched = _SchedulerStats()
         self._on_cpu = running_on_cpu()
         self._null_lora: Any = None  # the base model's LoRARequest on the CPU (see module docstring)
@@ -334,7 +341,10 @@ class VLLMEngine(Engine):
         try:
             await self._llm.add_lora(self.lora_request(adapter))
         except Exception as exc:  # vLLM raises many types for bad weights; none may take the server down
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc}", param="path") from exc
+            log.warning("vLLM refused adapter %s: %s", adapter.key, exc)
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
+                                         f"({type(exc).__name__}; the server log has the details)",
+                                         param="path") from exc
         self._adapters[adapter.key] = adapter
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
@@ -343,6 +353,8 @@ class VLLMEngine(Engine):
         if self._adapters.pop(adapter.key, None) is None:
             return
         users = [rid for rid, key in self._inflight.items() if key == adapter.key]
+        for rid in users:
+            self._interrupted[rid] = f"adapter {adapter.key} was unloaded while generating; retry"
         if users and self._llm is not None:
             await self._llm.abort(users)
         if self._llm is not None:
@@ -424,19 +436,24 @@ class VLLMEngine(Engine):
                         finish = "stop"
                         break
                 if finish is None and completion.finish_reason is not None:
+                    if completion.finish_reason not in ("stop", "length"):  # "abort" (or "error"): cut short
+                        raise GenerationInterruptedError(self._interrupted.pop(request_id, None)
+                                                         or "the engine stopped the generation")
                     text += stream.flush()
-                    finish = _finish_reason(completion.finish_reason)
+                    finish = "length" if completion.finish_reason == "length" else "stop"
                 if text or tokens or finish:
                     yield TokenDelta(text, generated, finish, tokens)
                 if finish is not None:
                     return
         finally:
             self._inflight.pop(request_id, None)
+            self._interrupted.pop(request_id, None)
             await outputs.aclose()
             await results.aclose()  # a no-op when vLLM finished; otherwise aborts the vLLM request
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None and request_id in self._inflight:
+            self._interrupted[request_id] = "the generation was aborted"
             await self._llm.abort(request_id)
 
     # ---- scoring (routing) ---------------------------------------------------------------------
@@ -504,7 +521,7 @@ class VLLMEngine(Engine):
 async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
     died, 400 for what vLLM blames on the request, 500 otherwise) instead of leaking vLLM
-    exception types into the HTTP layer."""
+    exception types, or their text, into the HTTP layer: the text goes to the log."""
     from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -512,13 +529,17 @@ async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for out in results:
             yield out
     except EngineDeadError as exc:
-        raise ServiceUnavailableError(f"vLLM engine died: {exc}") from exc
+        log.error("vLLM engine died: %s", exc)
+        raise ServiceUnavailableError("the engine stopped; retry shortly", headers={"Retry-After": "5"}) from exc
     except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
-        raise BadRequestError(f"vLLM refused the request: {exc}", param="messages") from exc
+        log.info("vLLM refused a request: %s", exc)
+        raise BadRequestError("the engine refused the request (a prompt too long once its images are expanded, "
+                              "or a limit of the engine)", param="messages") from exc
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:
-        raise EngineError(f"generation failed: {exc}") from exc
+        log.exception("vLLM generation failed")
+        raise EngineError(f"generation failed ({type(exc).__name__}; see the server log)") from exc
 
 
 def _vision_language(base: BaseModelInfo) -> bool:
@@ -526,13 +547,6 @@ def _vision_language(base: BaseModelInfo) -> bool:
 
     return is_vision_language(AutoConfig.from_pretrained(base.path))
 
-
-def _finish_reason(reason: str) -> FinishReason:
-    if reason == "length":
-        return "length"
-    if reason == "abort":
-        return "abort"
-    return "stop"
 
 
 with contextlib.suppress(Exception):  # importing this module is the signal that vLLM will run here

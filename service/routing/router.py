@@ -3,8 +3,8 @@
 The router is a LoRA trained to answer with an adapter's name. Instead of letting it generate
 free text (which could be any string), we score only the names it may choose: each candidate's
 score is the log-probability of its whole answer, the name's tokens and the chat template's
-end-of-turn token, computed for all candidates with one prefill of the prompt and one batched pass
-over the names' prefix tree (`Engine.sequence_logprobs`). The same rule holds for every label set,
+end-of-turn token, computed for all candidates together from one pass over the prompt and the
+names' prefix tree (`Engine.sequence_logprobs`). The same rule holds for every label set,
 so names that share tokens, names that are token prefixes of each other and long names change
 nothing about what a probability means. A softmax over the scores divided by the router's fitted
 temperature (`training.calibration`) gives a calibrated probability for each candidate, so the

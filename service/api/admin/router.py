@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import AdminAuth, State
-from service.errors import AdapterValidationError, PermissionDeniedError
+from service.errors import AdapterValidationError, PermissionDeniedError, public_message
 from service.registration import register_adapter
 from service.registry import Registry
 from service.settings import Settings
@@ -88,7 +88,8 @@ def adapters_view(state: ServiceState) -> dict:
         for v in entry.versions:
             data = v.to_json()
             data["loaded"] = v.uid in manager.loaded
-            data["error"] = manager.failed.get(v.uid)
+            error = manager.failed.get(v.uid)
+            data["error"] = public_message(error) if error else None
             versions.append(data)
         out.append({"name": name, "kind": entry.kind, "active_version": entry.active_version,
                     "removed": entry.removed, "removed_at": entry.removed_at or None,
@@ -97,7 +98,7 @@ def adapters_view(state: ServiceState) -> dict:
         "adapters": out,
         "active_router": manager.snapshot.active_router,
         "revision": manager.snapshot.revision,
-        "registry_error": manager.registry_error,
+        "registry_error": public_message(manager.registry_error) if manager.registry_error else None,
         "shadow": state.shadow_stats,
     }
 
@@ -136,8 +137,7 @@ async def register(body: RegisterRequest, state: State) -> dict:
         await state.adapters.sync()
         raise AdapterValidationError(f"registration of {version.uid} withdrawn: {error}", param="path")
     data = version.to_json()
-    data.update(name=version.name, kind=version.kind, loaded=version.uid in state.adapters.loaded,
-                error=state.adapters.failed.get(version.uid))
+    data.update(name=version.name, kind=version.kind, loaded=version.uid in state.adapters.loaded, error=None)
     return data
 
 

@@ -83,7 +83,7 @@ class GenerateResponse(BaseModel):
     text: str
     adapter: str | None
     version: int | None
-    finish_reason: Literal["stop", "length", "abort"] | None
+    finish_reason: Literal["stop", "length"] | None
     usage: Usage
     routing: RouteResponse | None = None
     timings: dict[str, float]

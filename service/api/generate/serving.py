@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from service.api.generate.protocol import GenerateRequest
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import LoramuxError, error_from_exception
 from service.inference import (
+    Deadline,
     Outcome,
     RequestSlot,
     cancel_on_disconnect,
@@ -24,6 +26,8 @@ from service.inference import (
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
 
+log = logging.getLogger(__name__)
+
 ENDPOINT = "generate"
 
 
@@ -33,13 +37,17 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     check_limits(state.settings, body.messages, body.max_tokens, stop)
     params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
     param = "prompt" if body.prompt is not None else "messages"
-    messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
+    deadline = Deadline.for_request(state)
     slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
 
     try:
+        # images are decoded once admitted, and they, routing and generation share the deadline
+        messages = await deadline.run(cancel_on_disconnect(
+            request, load_chat_images(body.chat(), state.settings, state.engine.accepts_images)))
         # routing is a forward pass too: a client that is gone must not keep the engine busy
-        choice = slot.choice = await cancel_on_disconnect(request, choose(state, messages, body.adapter))
+        choice = slot.choice = await deadline.run(cancel_on_disconnect(request, choose(state, messages,
+                                                                                       body.adapter)))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
         request_id = new_request_id("gen")
         images = chat_images(messages)
@@ -63,7 +71,8 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
 
         if not body.stream:
             async def run() -> None:
-                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
+                                               deadline):
                     pass
 
             await cancel_on_disconnect(request, run())
@@ -74,17 +83,22 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
         async def events() -> AsyncIterator[str]:
             try:
                 async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                                   images):
+                                                   images, deadline):
                     if delta.text:
                         yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
                 yield sse(body_of())
                 yield DONE
                 state.metrics.requests.labels(ENDPOINT, label, "200").inc()
             except LoramuxError as exc:
+                # the status line went out long ago: the error is an event, and the stream still ends
+                # with [DONE] so a client waiting for it is not left hanging
                 state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+                log.warning("stream ended by %d %s", exc.status_code, exc.message)
                 yield sse(error_from_exception(exc))
+                yield DONE
 
-        stream = EventStream(events(), on_close=slot.release, headers=headers)
+        stream = EventStream(events(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
+                             headers=headers)
         handed_over = True
         return stream
     finally:

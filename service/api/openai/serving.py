@@ -6,6 +6,7 @@ model's name uses no adapter. The response's `model` names what actually answere
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import BadRequestError, LoramuxError, error_from_exception
 from service.inference import (
     Choice,
+    Deadline,
     Outcome,
     RequestSlot,
     cancel_on_disconnect,
@@ -28,6 +30,8 @@ from service.inference import (
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
+
+log = logging.getLogger(__name__)
 
 ENDPOINT = "chat_completions"
 AUTO = "auto"
@@ -57,14 +61,17 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     stop = stop_list(body.stop)
     check_limits(state.settings, body.messages, max_tokens, stop, max_param)
     params = sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed)
-    messages = await load_chat_images([m.as_template_dict() for m in body.messages], state.settings,
-                                      state.engine.accepts_images)
-    images = chat_images(messages)
+    deadline = Deadline.for_request(state)
     slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
 
     try:
-        choice = slot.choice = await cancel_on_disconnect(request, _choice_for_model(state, body.model, messages))
+        # images are decoded once admitted, and they, routing and generation share the deadline
+        messages = await deadline.run(cancel_on_disconnect(request, load_chat_images(
+            [m.as_template_dict() for m in body.messages], state.settings, state.engine.accepts_images)))
+        images = chat_images(messages)
+        choice = slot.choice = await deadline.run(cancel_on_disconnect(request, _choice_for_model(
+            state, body.model, messages)))
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
         request_id = new_request_id("chatcmpl")
         created = int(time.time())
@@ -75,7 +82,8 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
 
         if not body.stream:
             async def run() -> None:
-                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images):
+                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
+                                               deadline):
                     pass
 
             await cancel_on_disconnect(request, run())
@@ -114,7 +122,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
             try:
                 yield chunk({"role": "assistant", "content": ""}, None)
                 async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                                   images):
+                                                   images, deadline):
                     if delta.text:
                         yield chunk({"content": delta.text}, None)
                 yield chunk({}, outcome.finish_reason)
@@ -124,10 +132,12 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                 state.metrics.requests.labels(ENDPOINT, label, "200").inc()
             except LoramuxError as exc:
                 state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
+                log.warning("stream ended by %d %s", exc.status_code, exc.message)
                 yield sse(error_from_exception(exc))
                 yield DONE
 
-        stream = EventStream(events(), on_close=slot.release, headers=headers)
+        stream = EventStream(events(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
+                             headers=headers)
         handed_over = True
         return stream
     finally:
@@ -148,11 +158,12 @@ async def _choice_for_model(state: ServiceState, model: str, messages: list[dict
 
 
 def list_models(state: ServiceState) -> dict:
+    """Names only: `root` is the served name (the base model's, or the adapter's), never a folder
+    on this machine (vLLM puts the LoRA's path there; a client has no use for the server's paths)."""
     base = model_name(state)
     created = state.created
     cards = [
-        ModelCard(id=base, created=created, root=str(state.base.path), parent=None,
-                  max_model_len=state.settings.max_model_len),
+        ModelCard(id=base, created=created, root=base, parent=None, max_model_len=state.settings.max_model_len),
     ]
     router = state.adapters.resolve_router()
     if router is not None:
@@ -160,5 +171,5 @@ def list_models(state: ServiceState) -> dict:
     # the version serving each name (candidates and retiring versions are not served by name)
     for resolved in sorted(state.adapters.served(), key=lambda r: (r.version.kind, r.version.name)):
         version = resolved.version
-        cards.append(ModelCard(id=version.name, created=created, root=str(resolved.ref.path), parent=base))
+        cards.append(ModelCard(id=version.name, created=created, root=version.name, parent=base))
     return ModelList(data=cards).model_dump()

@@ -6,17 +6,20 @@ from starlette.requests import Request
 
 from service.api.common import check_limits
 from service.api.generate.protocol import PromptOrMessages
-from service.inference import cancel_on_disconnect, route
+from service.inference import Deadline, cancel_on_disconnect, route
 from service.multimodal import load_chat_images
 from service.state import ServiceState
 
 
 async def serve_route(state: ServiceState, body: PromptOrMessages, request: Request) -> dict:
     check_limits(state.settings, body.messages, None, ())
-    messages = await load_chat_images(body.chat(), state.settings, state.engine.accepts_images)
+    deadline = Deadline.for_request(state)
     ticket = state.ticket()
     try:
-        choice = await cancel_on_disconnect(request, route(state, messages))
+        # images decoded once admitted; they and the decision share the request's deadline
+        messages = await deadline.run(cancel_on_disconnect(
+            request, load_chat_images(body.chat(), state.settings, state.engine.accepts_images)))
+        choice = await deadline.run(cancel_on_disconnect(request, route(state, messages)))
         choice.release()  # the decision alone: nothing is generated with the adapter
     finally:
         ticket.release()

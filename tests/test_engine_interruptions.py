@@ -1,0 +1,75 @@
+"""A generation the engine cuts short ends the same way on both engines (issue 13, item 8).
+
+Its adapter unloaded while it runs, or the request aborted: the stream raises
+`GenerationInterruptedError` (503, Retry-After), on the embedded engine here and on vLLM in
+`test_vllm_engine.py` (same scenario, `interruptions`). Never a finish reason: vLLM ended such a
+request with finish reason "abort", which the OpenAI API has no value for and which reached OpenAI
+responses; the embedded engine raised a 500 for the removal and, for an explicit abort, left the
+stream waiting for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from service.engine.base import AdapterRef, SamplingParams
+from service.engine.embedded import EmbeddedEngine
+from service.errors import GenerationInterruptedError
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+LONG = SamplingParams(max_tokens=400, temperature=2.0, seed=3)
+
+
+def chat_ids(engine: Any, prompt: str) -> list[int]:
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+
+
+async def interruptions(engine: Any, ref: AdapterRef) -> list[tuple[str, int, int]]:
+    """(how it was cut, the error's status, tokens seen) for a removal of the adapter mid-generation
+    and an explicit abort; `ref` is loaded first and is gone afterwards."""
+    out = []
+    for how in ("adapter removed", "aborted"):
+        await engine.add_adapter(ref)
+        request_id = f"cut-{how.replace(' ', '-')}"
+        stream = engine.generate(request_id, chat_ids(engine, "Tell a very long story."), ref, LONG)
+        seen = (await anext(stream)).completion_tokens
+        if how == "aborted":
+            await engine.abort(request_id)
+        else:
+            await engine.remove_adapter(ref)
+        with pytest.raises(GenerationInterruptedError) as raised:
+            async with asyncio.timeout(60):  # never a hang
+                async for delta in stream:
+                    assert delta.finish_reason in (None, "stop", "length")
+                    seen = delta.completion_tokens
+        assert seen < LONG.max_tokens
+        out.append((how, raised.value.status_code, raised.value.headers.get("Retry-After") is not None))
+    await engine.remove_adapter(ref)
+    return out
+
+
+EXPECTED = [("adapter removed", 503, True), ("aborted", 503, True)]
+
+
+@pytest.fixture(scope="module")
+def embedded(base_model, tmp_path_factory) -> Iterator[tuple[EmbeddedEngine, asyncio.AbstractEventLoop]]:
+    engine = EmbeddedEngine(Settings(cache_dir=tmp_path_factory.mktemp("cache")), base_model)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.start())
+    yield engine, loop
+    loop.run_until_complete(engine.shutdown())
+    loop.close()
+
+
+def test_the_embedded_engine_ends_a_cut_generation_with_an_interruption(embedded, task_adapters):
+    engine, loop = embedded
+    ref = AdapterRef("cut", 1, task_adapters["alpha"])
+    assert loop.run_until_complete(interruptions(engine, ref)) == EXPECTED
+    assert engine.stats()["running"] == 0
