@@ -116,8 +116,7 @@ def test_a_client_that_stops_reading_holds_its_slot_only_while_it_generates(pati
     the slot stayed taken for as long as the connection stayed open."""
     server = patient_server
     payload = {**LONG_CHAT, "model": LONG_NAME, "max_tokens": 400, "stream_options": {"include_usage": True}}
-    sock = connect(server, receive_buffer=4096)
-    try:
+    with connect(server, receive_buffer=4096) as sock:
         sock.sendall(request_bytes(server, "/v1/chat/completions", payload))
         assert wait_for(lambda: in_flight(server)[0] == 1, 30)  # admitted and generating
         # the generation runs to its end although nothing is read, and the slot is free at once,
@@ -127,14 +126,11 @@ def test_a_client_that_stops_reading_holds_its_slot_only_while_it_generates(pati
                        timeout=60)
         assert r.status_code == 200, r.text
         assert closed_by_server(sock, DRAIN_S + 30)  # the drain time over, the server lets it go
-    finally:
-        sock.close()
     assert not crashes(server)
 
 
 def test_the_deadline_holds_for_a_client_that_stops_reading(server):
-    sock = connect(server, receive_buffer=4096)
-    try:
+    with connect(server, receive_buffer=4096) as sock:
         started = time.monotonic()
         sock.sendall(request_bytes(server, "/v1/chat/completions", LONG_CHAT))
         assert wait_for(lambda: in_flight(server)[0] == 1, 30)  # admitted and generating
@@ -142,8 +138,6 @@ def test_the_deadline_holds_for_a_client_that_stops_reading(server):
         assert wait_for(lambda: in_flight(server) == (0, 0), DEADLINE_S + 10), in_flight(server)
         assert time.monotonic() - started < DEADLINE_S + 10
         assert closed_by_server(sock, DRAIN_S + 15)
-    finally:
-        sock.close()
     assert not crashes(server)
 
 
@@ -163,8 +157,7 @@ def test_a_stream_cut_by_the_deadline_ends_with_an_error_event_and_done(server, 
 
 
 def test_a_request_head_that_trickles_in_is_cut(server):
-    sock = connect(server)
-    try:
+    with connect(server) as sock:
         sock.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n".encode())
         started = time.monotonic()
         for _ in range(3):  # one header line now and then: never a complete head
@@ -172,13 +165,10 @@ def test_a_request_head_that_trickles_in_is_cut(server):
             sock.sendall(b"X-Slow: 1\r\n")
         assert closed_by_server(sock, HEAD_S + 5)
         assert time.monotonic() - started < HEAD_S + 5
-    finally:
-        sock.close()
 
 
 def test_a_body_that_trickles_in_is_a_408(server):
-    sock = connect(server)
-    try:
+    with connect(server) as sock:
         sock.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json"
                      f"\r\nContent-Length: 400\r\n\r\n{{\"prompt\": ".encode())
         sock.settimeout(HEAD_S + 10)
@@ -188,32 +178,24 @@ def test_a_body_that_trickles_in_is_a_408(server):
             answer += sock.recv(65536).decode()
         error = json.loads(answer.partition("\r\n\r\n")[2])["error"]
         assert error["type"] == "timeout_error" and error["param"] == "body" and error["request_id"], error
-    finally:
-        sock.close()
 
 
 def test_an_idle_keep_alive_connection_is_closed(server):
-    sock = connect(server)
-    try:
+    with connect(server) as sock:
         sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
         sock.settimeout(10)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
         assert closed_by_server(sock, 4)  # keep_alive_timeout_s=1 (uvicorn's own default is 5)
         assert time.monotonic() - started < 3
-    finally:
-        sock.close()
 
 
 def test_a_request_head_larger_than_the_limit_is_refused(server):
     """h11 buffers an incomplete head up to `max_header_bytes` (uvicorn's default is 16 KiB)."""
-    sock = connect(server)
-    try:
+    with connect(server) as sock:
         sock.sendall(f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Big: {'x' * 6000}".encode())
         sock.settimeout(HEAD_S + 5)
         assert sock.recv(65536).startswith(b"HTTP/1.1 400")
-    finally:
-        sock.close()
     assert httpx.get(f"{server.url}/health", headers={"X-Small": "x" * 1000}, timeout=30).status_code == 200
 
 
