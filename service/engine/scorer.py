@@ -17,7 +17,7 @@ with the model being trained, so both count the same thing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,11 +73,11 @@ def continuation_logprobs(
     return scores
 
 
-def tree_nodes(continuations: Sequence[Sequence[int]]) -> list[Prefix]:
-    """The prefix tree's non-empty inputs: every distinct prefix of a continuation minus its last
-    token, shortest first (a node's ancestors come before it). Each is one input position whose
-    output is the next-token distribution after that prefix."""
-    return sorted((p for p in needed_steps(continuations) if p), key=lambda p: (len(p), p))
+def tree_nodes(steps: Mapping[Prefix, object]) -> list[Prefix]:
+    """The prefix tree's non-empty inputs (the keys of `needed_steps`): every distinct prefix of a
+    continuation minus its last token, shortest first (a node's ancestors come before it). Each is
+    one input position whose output is the next-token distribution after that prefix."""
+    return sorted((p for p in steps if p), key=lambda p: (len(p), p))
 
 
 def tree_mask(past: int, prompt: int, nodes: Sequence[Prefix], dtype: torch.dtype) -> torch.Tensor:
@@ -109,7 +109,8 @@ def packed_logprobs(
     already in `cache` (batch of one; 0 and an empty cache for a whole prompt), in one forward."""
     if not prompt_ids:
         raise ValueError("packed_logprobs needs at least one prompt token after the cache")
-    nodes = tree_nodes(continuations)
+    steps = needed_steps(continuations)
+    nodes = tree_nodes(steps)
     prompt = len(prompt_ids)
     tokens = [*prompt_ids, *(node[-1] for node in nodes)]
     positions = [*range(past, past + prompt), *(past + prompt + len(node) - 1 for node in nodes)]
@@ -126,5 +127,5 @@ def packed_logprobs(
     logprobs = torch.log_softmax(out.logits[0].float(), dim=-1)
     rows = {(): 0, **{node: i + 1 for i, node in enumerate(nodes)}}
     table = {prefix: {t: float(logprobs[rows[prefix], t]) for t in wanted}
-             for prefix, wanted in needed_steps(continuations).items()}
+             for prefix, wanted in steps.items()}
     return [total(table, cont) if len(cont) else 0.0 for cont in continuations]
