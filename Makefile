@@ -9,7 +9,7 @@ PORT   ?= 8000
 USERS  ?= 8
 DURATION ?= 30s
 
-.PHONY: setup run test bench loadtest lint demo clean
+.PHONY: setup run test bench chaos loadtest lint demo clean
 
 setup: $(STAMP)
 
@@ -40,10 +40,14 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/hadolint deploy/Dockerfile
+	$(BIN)/hadolint Dockerfile
 
 bench: setup
 	$(BIN)/python -m loadtests.bench
+
+chaos: setup
+	$(BIN)/loramux demo --if-missing
+	$(BIN)/python -m loadtests.chaos
 
 loadtest: setup
 	$(BIN)/python -m loadtests.run_locust --host http://$(HOST):$(PORT) --users $(USERS) --run-time $(DURATION)

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from service.base_model import BaseModelInfo, resolve_base_model
+from service.prompts import prompt_ids
 from service.registration import register_adapter
 from service.settings import PROJECT_ROOT, Settings
 
@@ -51,12 +52,11 @@ def jobs() -> list[tuple[str, str]]:
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False)
+    return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def make_adapters(base: BaseModelInfo, root: Path) -> dict[str, Path]:
-    from tests.support import make_lora_adapter
+    from loadtests.harness import make_lora_adapter
 
     paths = {name: make_lora_adapter(base, root / name, seed=i + 1, scale=0.5) for i, name in enumerate(ADAPTERS)}
     paths["router"] = make_lora_adapter(base, root / "router", seed=99, scale=3.0)
@@ -133,7 +133,7 @@ async def route_over_generation(client: httpx.AsyncClient, rounds: int) -> tuple
 def label_set_latency(base: BaseModelInfo, root: Path, engine: str, rounds: int = 12) -> dict[str, float]:
     """/route over a 1-token generation for each of LABEL_SETS (the same three adapter folders
     registered under every name), one server per set."""
-    from tests.support import ServerProcess
+    from loadtests.harness import ServerProcess
 
     out: dict[str, float] = {}
     for label_set, names in LABEL_SETS.items():
@@ -193,7 +193,7 @@ async def routing_latency(url: str, rounds: int = 8) -> dict[str, float]:
 
 
 def serve_and_measure(base: BaseModelInfo, root: Path, engine: str) -> dict[str, float]:
-    from tests.support import ServerProcess
+    from loadtests.harness import ServerProcess
 
     registry = root / f"loras-{engine}.json"
     settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)

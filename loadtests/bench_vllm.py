@@ -89,7 +89,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def measure_service(base: BaseModelInfo, root: Path, paths: dict[str, Path]) -> dict[str, float]:
-    from tests.support import ServerProcess
+    from loadtests.harness import ServerProcess
 
     registry = root / "loras-vllm-bench.json"
     settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
@@ -111,8 +111,8 @@ def measure_service(base: BaseModelInfo, root: Path, paths: dict[str, Path]) -> 
 
 
 def measure_vllm_server(base: BaseModelInfo, root: Path, paths: dict[str, Path]) -> dict[str, float]:
-    from service.engine.vllm_engine import cpu_env_defaults, running_on_cpu
-    from tests.support import free_port
+    from loadtests.harness import free_port
+    from service.engine.vllm_cpu import cpu_env_defaults, running_on_cpu
 
     if running_on_cpu():
         cpu_env_defaults()  # the same environment our engine runs with

@@ -19,7 +19,7 @@ and pinned by sha256, so every run reads the same bytes:
   markup, which is stripped). Licence as stated by the package: Apache-2.0 (Cisco). It has no usable test
   split (its test.txt files repeat train.txt lines), so every file is pooled.
 
-Every loader deduplicates by `training.chats.normalize_text` (the key the routing-dataset builder uses) and
+Every loader deduplicates by `training.data.chats.normalize_text` (the key the routing-dataset builder uses) and
 drops texts claimed by two intents, so what is sampled here is what the builder keeps.
 
 The snips pickle is read with an unpickler that resolves NO global: every class it names becomes an inert
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.chats import normalize_text
+from training.data.chats import normalize_text
 
 DEFAULT_CACHE = Path(".cache/intent-data")
 SHORTCUT_DIR = Path("/tmp/intent_datasets")  # a colleague's copies; used only when the sha256 matches

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.harness import ServerProcess
 from service.settings import PROJECT_ROOT
-from tests.support import ServerProcess
-from training.chats import read_chats
-from training.task_datasets import build_task_datasets
+from training.data.chats import read_chats
+from training.data.task_datasets import build_task_datasets
 
 
 def _cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "service.cli", *args], env={**os.environ, **env},
+    done = subprocess.run([sys.executable, "-m", "loramux", *args], env={**os.environ, **env},
                           capture_output=True, text=True, cwd=PROJECT_ROOT)
     if done.returncode != 0:
         raise SystemExit(f"loramux {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 
-from training import metrics
-from training.chats import read_chats
-from training.evaluate import router_gold
+from training.data.chats import read_chats
+from training.evaluate import metrics
+from training.evaluate.router_and_experts import router_gold
 
 
 def compare(url: str, dataset: Path, report: dict, api_key: str | None = None) -> dict:

@@ -11,7 +11,7 @@ comes from and its licence). Per dataset, with a fixed seed:
    `build_routing_dataset`; the held-out utterances go into a separate folder (`eval.jsonl` written
    with the builder's own record format), so the router never sees them while training or validating;
 3. train a router with `TrainConfig`'s defaults (only `--max-steps`, for smoke runs, overrides);
-4. evaluate it with `training.evaluate.evaluate_router` on the held-out folder, and score a classical
+4. evaluate it with `training.evaluate.router_and_experts.evaluate_router` on the held-out folder, and score a classical
    TF-IDF + logistic-regression baseline trained on exactly the router's training utterances, so
    "router - baseline" compares two models that saw the same data.
 
@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.intent_data import DEFAULT_CACHE, LOADERS, IntentData, load
-from training import metrics
-from training.cards import write_card
-from training.chats import normalize_text, read_chats, write_json, write_jsonl
-from training.routing_dataset import Example, build_routing_dataset
+from training.data.cards import write_card
+from training.data.chats import normalize_text, read_chats, write_json, write_jsonl
+from training.data.routing_dataset import Example, build_routing_dataset
+from training.evaluate import metrics
 
 SEED = 0
-# The builder always keeps >= 1 eval example per class (training.splits.split_sizes), so an empty eval
+# The builder always keeps >= 1 eval example per class (training.data.splits.split_sizes), so an empty eval
 # split is not possible; the brief's fallback fractions are used. The router is evaluated on the
 # separate held-out folder, not on this eval split.
 FRACTIONS = (0.8, 0.15, 0.05)
@@ -146,7 +146,7 @@ def write_heldout_dataset(folder: Path, sources: Mapping[str, Path], data: Inten
 
 def split_pairs(path: Path) -> Pairs:
     """(user text, label) of a routing JSONL: what the router was actually trained on."""
-    from training.evaluate import router_gold
+    from training.evaluate.router_and_experts import router_gold
 
     seen: dict[str, tuple[str, str]] = {}
     for record in read_chats(path):
@@ -158,7 +158,7 @@ def split_pairs(path: Path) -> Pairs:
 
 
 class BaselineUnavailable(RuntimeError):
-    """scikit-learn (or training.baseline) cannot be imported."""
+    """scikit-learn (or training.evaluate.baseline) cannot be imported."""
 
 
 def _inline_tfidf_logreg(train: Pairs, test: Pairs) -> list[str]:
@@ -186,7 +186,7 @@ def _scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict[st
 
 
 def _from_project(result: Any, gold: list[str], labels: list[str]) -> dict[str, Any]:
-    """training.baseline's answer as {accuracy, macro_f1, ...}, whichever shape it has."""
+    """training.evaluate.baseline's answer as {accuracy, macro_f1, ...}, whichever shape it has."""
     if isinstance(result, Mapping) and "accuracy" in result:
         out = dict(result)
         if "per_class" not in out and len(out.get("predictions") or []) == len(gold):
@@ -199,20 +199,20 @@ def _from_project(result: Any, gold: list[str], labels: list[str]) -> dict[str, 
 
 
 def classical_baseline(train: Pairs, test: Pairs, labels: list[str]) -> dict[str, Any]:
-    """The project's `training.baseline.tfidf_logreg` when it exists, else the same model inline;
+    """The project's `training.evaluate.baseline.tfidf_logreg` when it exists, else the same model inline;
     trained on `train` (the router's training utterances) and scored on `test` (the held-out set)."""
     gold = [y for _, y in test]
     started = time.perf_counter()
-    if importlib.util.find_spec("training.baseline") is not None:
+    if importlib.util.find_spec("training.evaluate.baseline") is not None:
         try:
-            from training.baseline import tfidf_logreg  # type: ignore[import-not-found,unused-ignore]
+            from training.evaluate.baseline import tfidf_logreg  # type: ignore[import-not-found,unused-ignore]
 
             result = tfidf_logreg(train, test, labels)
         except ImportError as exc:  # its scikit-learn import is inside the call
-            raise BaselineUnavailable(f"training.baseline needs scikit-learn ({exc}); run .venv/bin/pip install "
-                                      "scikit-learn") from exc
+            raise BaselineUnavailable(f"training.evaluate.baseline needs scikit-learn ({exc}); run "
+                                      ".venv/bin/pip install scikit-learn") from exc
         out = _from_project(result, gold, labels)
-        out["implementation"] = "training.baseline.tfidf_logreg"
+        out["implementation"] = "training.evaluate.baseline.tfidf_logreg"
     else:
         out = _scores(gold, _inline_tfidf_logreg(train, test), labels)
         out["implementation"] = "inline: tfidf word 1-2 + char_wb 2-5 (sublinear) + LogisticRegression(C=10)"
@@ -229,7 +229,7 @@ def config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     (SFTConfig fields). Values are JSON when they parse as JSON (numbers, booleans, lists), else text."""
     from dataclasses import fields
 
-    from training.train import TrainConfig
+    from training.train.sft import TrainConfig
 
     known = {f.name for f in fields(TrainConfig)}
     out: dict[str, Any] = {}
@@ -255,7 +255,7 @@ def train_router(dataset: Path, run_name: str, runs_dir: Path, max_steps: int | 
     """A router with the project's default TrainConfig (plus `overrides`, for experiments). The run
     folder is removed first, so a stale checkpoint from an earlier, different sample is never resumed
     (and the time is a full run's)."""
-    from training.train import TrainConfig, train_adapter
+    from training.train.sft import TrainConfig, train_adapter
 
     shutil.rmtree(runs_dir / run_name, ignore_errors=True)
     override: dict[str, Any] = dict(overrides or {})
@@ -276,7 +276,7 @@ def temperature(report: Mapping[str, Any], metadata: Mapping[str, Any]) -> float
 
 def run_dataset(name: str, args: argparse.Namespace, kept_aside: bool) -> dict[str, Any]:
     """Sample, build, train, evaluate and compare one dataset; the result as a JSON-able dict."""
-    from training.evaluate import evaluate_router
+    from training.evaluate.router_and_experts import evaluate_router
 
     data = load(name, args.cache_dir)
     sample = sample_dataset(data, args.per_class, args.heldout, args.seed)
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     config = {"datasets": args.datasets, "per_class": args.per_class, "heldout": args.heldout, "seed": args.seed,
               "max_steps": args.max_steps, "fractions": list(FRACTIONS), "kept_aside": sorted(args.kept_aside),
-              "train_config": "training.train.TrainConfig defaults" + (" + max_steps" if args.max_steps else ""),
+              "train_config": "training.train.sft.TrainConfig defaults" + (" + max_steps" if args.max_steps else ""),
               "overrides": args.overrides}
     results: list[dict[str, Any]] = []
     for name in args.datasets:

@@ -36,6 +36,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+AUTO_MODEL = "auto"  # the model name that asks the router to choose
+
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
@@ -44,6 +46,16 @@ class ResolvedAdapter:
     version: AdapterVersion
     ref: AdapterRef
     system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of /v1/models: a name a client may send as `model`."""
+
+    id: str
+    root: str  # the served name (the base model's, or the adapter's), never a folder on this machine
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class AdapterHold:
@@ -95,6 +107,18 @@ class AdapterManager:
     def served(self) -> list[ResolvedAdapter]:
         """The version answering for each registered name right now (what /v1/models lists)."""
         return [r for name in self.serving if (r := self._served(name)) is not None]
+
+    def models(self, base_name: str) -> list[ServedModel]:
+        """What /v1/models lists: the base model, `auto` while a router serves, and the version
+        answering for each registered name (candidates and retiring versions are not served by name).
+        Names only: vLLM puts a LoRA's path in `root`, a client has no use for the server's paths."""
+        models = [ServedModel(base_name, base_name, None, self.settings.max_model_len)]
+        router = self.resolve_router()
+        if router is not None:
+            models.append(ServedModel(AUTO_MODEL, router.version.name, base_name))
+        for resolved in sorted(self.served(), key=lambda r: (r.version.kind, r.version.name)):
+            models.append(ServedModel(resolved.version.name, resolved.version.name, base_name))
+        return models
 
     def active(self, name: str) -> ResolvedAdapter:
         """The loaded version serving adapter `name`, or a 404/422 that says why not. Routers can

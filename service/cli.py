@@ -1,4 +1,6 @@
-"""The `loramux` command line: `serve` here, the training commands from `training.cli`.
+"""The service's commands of the `loramux` command line (`serve`, `router`, `adapters`...); the
+training commands join them in `loramux.cli`, the one entry point that knows both packages (the
+service never imports training, so a serving-only install has the whole service).
 
 `serve` has one flag per `Settings` field, generated from the model (its signature is built from
 the fields), so a new setting is a new flag without touching this file. A flag overrides the
@@ -129,32 +131,24 @@ def router_status(
         typer.echo(f"{mark} {router_name}@{v.version} {v.status:<9} labels={','.join(v.labels)} path={v.path}")
 
 
-def build_cli() -> typer.Typer:
-    try:
-        from training.cli import register_commands
-    except ImportError as exc:  # the training extra is optional for a serving-only install
-        missing = str(exc)
-
-        @app.command("demo")
-        def demo_unavailable() -> None:
-            """(needs the training extra: pip install 'loramux[train]')"""
-            raise typer.BadParameter(f"training is not installed: {missing}")
-    else:
-        register_commands(app)
-    return app
-
-
-def main() -> None:
+def run(cli: typer.Typer) -> None:
+    """Run `cli` as the `loramux` command: request-id aware logging, and a refusal the user can act
+    on printed as one line (exit 2) instead of a traceback."""
     from service.errors import LoramuxError
     from service.request_ids import LOG_FORMAT, install_log_records
 
     install_log_records()  # every record carries the request id it was logged under ("-" outside requests)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
-        build_cli()()
-    except LoramuxError as exc:  # a refusal the user can act on: say why, no traceback
+        cli()
+    except LoramuxError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    """The service's commands alone (`python -m service.cli`); `loramux` adds training's."""
+    run(app)
 
 
 if __name__ == "__main__":

@@ -11,20 +11,20 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
-from starlette.requests import Request
 
+from service import prompts
 from service.adapters import AdapterHold, ResolvedAdapter
+from service.context_window import ContextLengthError, ensure_fits, prompt_length
 from service.engine.base import SamplingParams, TokenDelta
 from service.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
     BadRequestError,
-    ClientDisconnectedError,
     DeadlineExceededError,
     LoramuxError,
     ServiceUnavailableError,
@@ -93,23 +93,6 @@ class Choice:
     def version(self) -> int | None:
         return self.adapter.version.version if self.adapter else None
 
-    def route_info(self) -> dict[str, Any] | None:
-        if self.decision is None or self.router is None:
-            return None
-        d = self.decision
-        return {
-            "adapter": self.name,
-            "version": self.version,
-            "confidence": round(d.confidence, 6),
-            "candidates": [
-                {"adapter": name, "probability": p}
-                for name, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1])
-            ],
-            "fallback": d.fallback,
-            "router": {"name": self.router.version.name, "version": self.router.version.version},
-            "latency_ms": round(d.latency_ms, 3),
-        }
-
 
 @dataclass
 class Outcome:
@@ -131,11 +114,16 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def template_messages(messages: list[dict[str, Any]], adapter: ResolvedAdapter | None) -> list[dict[str, Any]]:
-    """An expert trained with a system prompt gets it when the caller sends none."""
-    if adapter and adapter.system_prompt and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": adapter.system_prompt}, *messages]
-    return messages
+@contextlib.contextmanager
+def field_named(param: str) -> Iterator[None]:
+    """Engines refuse input without naming an API field (they do not know the API); the request path
+    knows which field the input came from and names it on the way out."""
+    try:
+        yield
+    except BadRequestError as exc:
+        if exc.param is None:
+            exc.param = param
+        raise
 
 
 def template_refused(exc: TemplateError, param: str) -> BadRequestError:
@@ -148,21 +136,22 @@ def template_refused(exc: TemplateError, param: str) -> BadRequestError:
 
 
 def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: ResolvedAdapter | None,
-               max_tokens: int, param: str) -> list[int]:
+               max_tokens: int, param: str, images: Sequence[Any] = ()) -> list[int]:
+    """The generation prompt's token ids, refused (400) unless it fits the context with
+    `max_tokens` new tokens, its images counted as the tokens they expand to: the request's
+    context-length check (`service.context_window`), before the engine queue."""
+    tokenizer = state.engine.tokenizer
+    least = prompts.fewest_prompt_tokens(tokenizer, messages)
+    if least + max_tokens > state.settings.max_model_len:  # certain without tokenizing a megabyte on the loop
+        raise ContextLengthError(None, max_tokens, state.settings.max_model_len, param=param)
     try:
-        ids = state.engine.tokenizer.apply_chat_template(
-            template_messages(messages, adapter), add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        ids = prompts.prompt_ids(tokenizer, messages, adapter.system_prompt if adapter else None)
     except TemplateError as exc:
         raise template_refused(exc, param) from None
-    limit = state.settings.max_model_len
-    if len(ids) + max_tokens > limit:
-        raise BadRequestError(
-            f"prompt has {len(ids)} tokens and {max_tokens} new tokens were asked for; "
-            f"the context length is {limit}",
-            param=param,
-        )
-    return list(ids)
+    with field_named(param):
+        ensure_fits(prompt_length(len(ids), images, state.engine.image_sizes), max_tokens,
+                    state.settings.max_model_len)
+    return ids
 
 
 class RequestSlot:
@@ -223,8 +212,9 @@ async def decide(state: ServiceState, router: ResolvedAdapter, names: list[str],
     the conversation, or no candidate has a usable score (every one -inf, i.e. probability 0, or
     not a number), where a softmax has nothing to normalise. The client can still name an adapter."""
     try:
-        decision = await state.router.decide(router.ref, names, messages, threshold, fallback,
-                                             router.version.temperature)
+        with field_named("messages"):  # e.g. the router's prompt, images expanded, over its budget
+            decision = await state.router.decide(router.ref, names, messages, threshold, fallback,
+                                                 router.version.temperature)
     except TemplateError as exc:
         raise template_refused(exc, "messages") from None
     except ValueError as exc:  # softmax over scores that are all -inf
@@ -307,11 +297,13 @@ async def generate_stream(
     outcome: Outcome,
     images: Sequence[Any] = (),
     deadline: Deadline | None = None,
+    param: str = "messages",
 ) -> AsyncIterator[TokenDelta]:
     """Run one generation with the adapter held, the deadline enforced and the metrics recorded.
     The caller holds an admission slot. Closing this iterator aborts the engine request; when it
     ends, however it ends, the choice's adapter hold is released. `deadline`: the request's
-    (`Deadline.for_request`, from its arrival); by default one that starts now."""
+    (`Deadline.for_request`, from its arrival); by default one that starts now. `param`: the field
+    the prompt came from, named in an engine's refusal."""
     metrics = state.metrics
     label = choice.name or "base"
     started = time.perf_counter()
@@ -325,7 +317,8 @@ async def generate_stream(
         try:
             while True:
                 try:
-                    delta = await deadline.run(anext(stream))
+                    with field_named(param):
+                        delta = await deadline.run(anext(stream))
                 except StopAsyncIteration:
                     break
                 if first:
@@ -347,37 +340,3 @@ async def generate_stream(
                 choice.release()
             outcome.timings["generate_ms"] = (time.perf_counter() - started) * 1000
             metrics.latency.labels(endpoint, label).observe(time.perf_counter() - started)
-
-
-async def cancel_on_disconnect(request: Request, work: Any) -> Any:
-    """Await `work`, but cancel it as soon as the client disconnects (frees its batch slot), or when
-    this await itself is cancelled (the request's deadline passed)."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise ClientDisconnectedError("client disconnected")
-    finally:
-        watcher.cancel()
-        if not task.done():  # we were cancelled (the deadline): the work must not run on unobserved
-            task.cancel()
-            task.add_done_callback(_release_abandoned)
-
-
-def _release_abandoned(task: asyncio.Future) -> None:
-    """A result nobody will use (a routing `Choice` that finished as it was cancelled) gives back
-    what it holds."""
-    if not task.cancelled() and task.exception() is None and hasattr(task.result(), "release"):
-        task.result().release()

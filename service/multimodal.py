@@ -20,12 +20,15 @@ import base64
 import binascii
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import BadRequestError, PayloadTooLargeError
 from service.image_fetch import ImageFetcher
 from service.prompts import is_image_part
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine.vision import ImageSizes
 
 IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif", "image/bmp")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # the decoders behind IMAGE_MEDIA_TYPES, no others
@@ -49,14 +52,15 @@ def chat_images(messages: list[dict[str, Any]]) -> list[Any]:
 
 
 async def load_chat_images(messages: list[dict[str, Any]], settings: Settings,
-                           accepts_images: bool) -> list[dict[str, Any]]:
-    """Decode every image part; refuse images for a text-only base model, too many, too big, or
-    anything that is not an image. Text-only chats come back unchanged (plain string contents)."""
+                           sizes: ImageSizes | None) -> list[dict[str, Any]]:
+    """Decode every image part; refuse images for a text-only base model (`sizes` None: the
+    engine's `image_sizes`), too many, too big, or anything that is not an image. Text-only chats
+    come back unchanged (plain string contents)."""
     parts = image_parts(messages)
     if not parts:
         return messages
     first = f"messages.{parts[0][0]}.content.{parts[0][1]}"
-    if not accepts_images:
+    if sizes is None:
         raise BadRequestError("the base model does not accept images (it is not a vision-language model)",
                               param=first)
     if len(parts) > settings.max_images:
@@ -66,7 +70,8 @@ async def load_chat_images(messages: list[dict[str, Any]], settings: Settings,
     for i, j, part in parts:
         param = f"messages.{i}.content.{j}.image_url.url"
         url = (part.get("image_url") or {}).get("url", "")
-        image = await decode_off_loop(await image_bytes(url, settings, param), settings, param)
+        image = await decode_off_loop(await image_bytes(url, settings, param), pixel_cap(settings, sizes), settings,
+                                      param)
         content = list(out[i]["content"])
         content[j] = {"type": "image", "image": image}
         out[i]["content"] = content
@@ -113,26 +118,32 @@ async def fetch_image(url: str, settings: Settings, param: str) -> bytes:
 _decoders: ThreadPoolExecutor | None = None
 
 
-async def decode_off_loop(data: bytes, settings: Settings, param: str) -> Any:
+def pixel_cap(settings: Settings, sizes: ImageSizes) -> int:
+    """The largest image decoded: `LORAMUX_MAX_IMAGE_PIXELS`, by default the image processor's own
+    `max_pixels` (it would shrink a bigger image to that anyway, after we had paid for decoding it)."""
+    return settings.max_image_pixels or sizes.max_pixels
+
+
+async def decode_off_loop(data: bytes, max_pixels: int, settings: Settings, param: str) -> Any:
     """`decode_image` on one of `LORAMUX_IMAGE_DECODE_WORKERS` threads: a large image decodes
     without stalling the event loop (every other request's I/O), and no more than that many decode
     at once (the rest queue, within the request's deadline)."""
     global _decoders
     if _decoders is None:
         _decoders = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
-    return await asyncio.get_running_loop().run_in_executor(_decoders, decode_image, data, settings, param)
+    return await asyncio.get_running_loop().run_in_executor(_decoders, decode_image, data, max_pixels, param)
 
 
-def decode_image(data: bytes, settings: Settings, param: str) -> Any:
+def decode_image(data: bytes, max_pixels: int, param: str) -> Any:
     """Open, check the pixel count from the header (before decoding any pixels), decode, RGB."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
             width, height = image.size
-            if width * height > settings.max_image_pixels:
-                raise PayloadTooLargeError(f"image is {width}x{height} pixels; at most {settings.max_image_pixels} "
-                                           "pixels are allowed", param=param)
+            if width * height > max_pixels:
+                raise PayloadTooLargeError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are "
+                                           "allowed", param=param)
             if width < 1 or height < 1:
                 raise BadRequestError("image has no pixels", param=param)
             image.load()

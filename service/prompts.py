@@ -1,12 +1,15 @@
-"""The router's prompt, shared by training (what the router learns) and serving (what it sees).
+"""Prompts: the one way messages become token ids, shared by serving, routing and training.
 
-Both sides must build exactly the same token sequence, or the router is asked a question it was
-never trained on; so both call `router_messages`.
+Training and serving must build exactly the same token sequence, or an adapter is asked a question
+it was never trained on: so every prompt (a served request, the router's view of it, a training or
+evaluation example) goes through `prompt_ids`, and the router's view through `router_messages`.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 # Short on purpose: every routing decision prefills it (its KV is cached per router, but shorter
@@ -40,6 +43,48 @@ def answer_tokens(tokenizer: Any, text: str) -> list[int]:
     """The tokens of an assistant answer as training teaches it and routing scores it: the text's
     own tokens, then the end of the turn."""
     return [*tokenizer.encode(text, add_special_tokens=False), end_of_turn_id(tokenizer)]
+
+
+def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """An expert trained with a system prompt gets it when the caller sends none."""
+    if system_prompt and not any(m.get("role") == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return list(messages)
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt: str | None = None) -> list[int]:
+    """The generation prompt of a chat: the base model's chat template with the assistant's turn
+    opened, image parts left as the template's one placeholder each (engines expand them).
+    `system_prompt`: the expert's own, used when the chat has none. A template that refuses the
+    chat raises jinja2's `TemplateError` (the request path makes it a 400)."""
+    ids = tokenizer.apply_chat_template(with_system_prompt(list(messages), system_prompt), add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return list(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most text bytes one token of this vocabulary can stand for: each entry decoded alone (a
+    partial UTF-8 byte decodes to the 3-byte replacement character, never to less than it stands
+    for), plus one for a decoder that drops a word-start space. A text of `n` bytes therefore takes
+    at least `n // longest_token_bytes` tokens: enough to refuse a megabyte of prompt without
+    tokenizing it on the event loop (SmolLM2: 81 bytes, for a run of 80 spaces)."""
+    if not hasattr(tokenizer, "get_vocab"):
+        return sys.maxsize  # no vocabulary to read: the bound is 0 and the real count decides alone
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is not None:
+        def spelled(token: str) -> str:
+            return decoder.decode([token])
+    else:
+        def spelled(token: str) -> str:
+            return tokenizer.convert_tokens_to_string([token])
+    return 1 + max((len(spelled(token).encode()) for token in tokenizer.get_vocab()), default=0)
+
+
+def fewest_prompt_tokens(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> int:
+    """A lower bound on the tokens `prompt_ids` would give for these messages' text, in microseconds."""
+    text_bytes = sum(len(message_text(m.get("content")).encode()) for m in messages)
+    return text_bytes // longest_token_bytes(tokenizer)
 
 
 def message_text(content: Any) -> str:

@@ -17,7 +17,7 @@ The file lock serializes the writers that share one file system. Where every wri
 copy of the file that a commit publishes (Modal: each container mounts its own view of a Volume, and
 the last commit wins), a process installs a write guard (`use_write_guard`): every write then runs
 inside it, after the local lock, so the guard can take a lock shared by all copies, fetch the newest
-file, and publish the write before anyone else may start one (`deploy/modal_app.py`'s
+file, and publish the write before anyone else may start one (`deploy/volume_writes.py`'s
 `VolumeWriteGuard`). The read-modify-write of each method is then one transaction across copies.
 Writes keep the file's permissions (a new file gets the umask's).
 
@@ -299,7 +299,10 @@ class Registry:
         except FileNotFoundError:
             return RegistrySnapshot({})
         if not text.strip():
-            return RegistrySnapshot({})
+            # writers replace the file atomically and never leave it empty: an empty file was
+            # truncated by someone else, and reading it as "no adapters" would unload every one
+            # (and let the next write erase every acknowledged registration)
+            raise BadRequestError(f"registry {self.path} is empty (truncated?)")
         try:
             return parse_registry(json.loads(text))
         except ValueError as exc:

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(512, ge=1, description="hf engine: prompt tokens prefilled in one step")
     router_max_tokens: int = Field(256, ge=8, description="tokens of the last user turn the router reads "
                                                          "(the start of the turn; the rest is not routed on)")
+    router_max_prompt_tokens: int = Field(2048, ge=16, description="the router's whole prompt, images expanded, "
+                                          "with its answer: beyond it (or the context) a request is refused (400) "
+                                          "before routing")
     max_queue: int = Field(64, ge=1, description="requests waiting or running before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="per-request deadline")
     shutdown_grace_s: float = Field(30.0, ge=0)
@@ -84,7 +87,8 @@ class Settings(BaseSettings):
     # images (vision-language base models only)
     max_images: int = Field(4, ge=0, description="images per request")
     max_image_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest encoded image (data URL or fetched)")
-    max_image_pixels: int = Field(4096 * 4096, ge=1, description="largest decoded image, width x height")
+    max_image_pixels: int | None = Field(None, ge=1, description="largest decoded image, width x height (default: "
+                                         "the image processor's max_pixels, beyond which it shrinks images anyway)")
     allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (off: data URLs only)")
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="total time for fetching one image URL "
                                          "(resolution, connection and body)")
@@ -111,6 +115,8 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=1, description="vLLM: adapters in one batch")
     max_cpu_loras: int = Field(16, ge=1, description="vLLM: adapters cached in CPU memory")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one engine shards the model over (tensor "
+                                      "parallelism inside one container; Modal sets it from the GPU count)")
     kv_cache_gb: float = Field(1.0, gt=0, description="vLLM on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs / compilation")
     tower_lora: bool = Field(False, description="vLLM, vision-language models: also apply adapters' LoRA "

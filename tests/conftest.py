@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.harness import CACHE_DIR
 from service.base_model import BaseModelInfo, resolve_base_model
-from service.settings import PROJECT_ROOT
 from tests.support import make_lora_adapter
 
-CACHE_DIR = PROJECT_ROOT / ".cache"
 TASK_ADAPTERS = ("alpha", "beta", "gamma")
 
 

@@ -2,9 +2,8 @@
 
 Each test module that changes a server's state (registers, deletes, kills it) gets its own copy of
 the conftest adapters and registry, so the session-wide `server` other modules share never sees
-its registrations. The servers run torch on one thread: these tests put the server, the test
-client (and Locust or schemathesis) on the same two cores, and OpenMP threads spin-waiting for a
-busy core make each decode step up to ten times slower and the timings flaky.
+its registrations. The servers themselves (`start_server`, torch on one thread) and the log check
+(`crashes`) live in `loadtests.harness`, which the chaos run uses too.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import CACHE_DIR
-from tests.support import ServerProcess
+from loadtests.harness import SINGLE_THREAD, ServerProcess, crashes, start_server
 
-SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+__all__ = ["SINGLE_THREAD", "crashes", "metric", "private_copy", "start_server"]
 
 
 def private_copy(served_registry: Path, adapter_root: Path, dest: Path) -> tuple[Path, Path]:
@@ -36,32 +34,9 @@ def private_copy(served_registry: Path, adapter_root: Path, dest: Path) -> tuple
     return dest, registry
 
 
-def start_server(root: Path, registry: Path, log_path: Path, **settings: object) -> ServerProcess:
-    """`loramux serve` on 127.0.0.1 over `registry`; each keyword is a setting (`max_queue=8`)."""
-    env = {
-        "LORAMUX_REGISTRY": str(registry),
-        "LORAMUX_ADAPTER_ROOT": str(root),
-        "LORAMUX_CACHE_DIR": str(CACHE_DIR),
-        "LORAMUX_REGISTRY_POLL_S": "0.2",
-        **SINGLE_THREAD,
-        **{f"LORAMUX_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
-           for name, value in settings.items()},
-    }
-    return ServerProcess(env).start(log_path)
-
-
 def metric(server: ServerProcess, name: str, headers: dict[str, str] | None = None) -> float:
     """One unlabelled Prometheus sample from /metrics."""
     text = httpx.get(f"{server.url}/metrics", headers=headers or {}, timeout=30).text
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
-
-
-CRASH_MARKERS = ("Traceback", "unhandled error", "engine step failed", "Exception in ASGI application")
-
-
-def crashes(server: ServerProcess) -> list[str]:
-    """Lines of the server log that show an unhandled error (each would have been a 5xx or a hang)."""
-    text = server.log_path.read_text() if server.log_path else ""
-    return [line for line in text.splitlines() if any(marker in line for marker in CRASH_MARKERS)]

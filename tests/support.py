@@ -1,117 +1,22 @@
-"""Test helpers: real LoRA adapters in seconds, and a real uvicorn server on 127.0.0.1."""
+"""Test helpers: real LoRA adapters in seconds and a real uvicorn server on 127.0.0.1 (shared with the
+benchmarks, in `loadtests.harness`), and the engines a test module runs on one event loop."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import httpx
+from loadtests.harness import (
+    PROJECT_ROOT,
+    ServerProcess,
+    fix_base_model_name,
+    free_port,
+    make_lora_adapter,
+    save_random_lora,
+)
 
-from service.base_model import BaseModelInfo
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_lora_adapter(
-    base: BaseModelInfo,
-    out_dir: Path,
-    seed: int,
-    rank: int = 8,
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
-    scale: float = 1.0,
-) -> Path:
-    """A real PEFT LoRA adapter with random (non-zero) A and B, so it visibly changes the output.
-
-    No training: the serving tests need adapters that differ, not adapters that are good."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    save_random_lora(lambda: AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32), out_dir, seed,
-                     rank, list(target_modules), scale)
-    fix_base_model_name(out_dir, base.name)
-    return out_dir
-
-
-def save_random_lora(load_model: Callable[[], Any], out_dir: Path, seed: int, rank: int,
-                     target_modules: list[str] | str, scale: float) -> None:
-    """Seed, load the model, wrap it in a LoRA with random non-zero A and B scaled by `scale`, save it
-    as safetensors: the one recipe behind the text and the vision-language test adapters."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False)
-    peft_model = get_peft_model(load_model(), config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.mul_(scale)
-    peft_model.save_pretrained(out_dir, safe_serialization=True)
-
-
-def fix_base_model_name(adapter_dir: Path, name: str) -> None:
-    config_file = adapter_dir / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = name
-    config_file.write_text(json.dumps(config, indent=2))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`loramux serve` in a subprocess on 127.0.0.1, with the given LORAMUX_ environment."""
-
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), startup_timeout: float = 240.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env}
-        self.args = args
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-        self.log_path: Path | None = None
-
-    def start(self, log_path: Path) -> ServerProcess:
-        self.log_path = log_path
-        log = log_path.open("w")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=PROJECT_ROOT)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready in {self.startup_timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-5000:] if self.log_path and self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+__all__ = ["PROJECT_ROOT", "EngineLoop", "ServerProcess", "fix_base_model_name", "free_port", "make_lora_adapter",
+           "save_random_lora"]
 
 
 class EngineLoop:

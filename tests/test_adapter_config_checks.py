@@ -244,8 +244,8 @@ def test_one_ascii_name_rule_accepts(name):
 
 @pytest.mark.parametrize("name", ["ünï", "日本語", "Auto", "a" * 65])
 def test_registration_and_dataset_build_use_the_rule(root, base_model, modules, tmp_path, name):
-    from training.chats import DatasetError
-    from training.routing_dataset import check_adapter_name, parse_source_args
+    from training.data.chats import DatasetError
+    from training.data.routing_dataset import check_adapter_name, parse_source_args
 
     settings = Settings(registry=tmp_path / "loras.json", adapter_root=root, cache_dir=CACHE_DIR)
     with pytest.raises(AdapterValidationError, match="must be letters") as info:

@@ -332,5 +332,38 @@ def test_a_routed_request_keeps_its_adapter_when_it_is_removed_after_the_choice(
     assert wait_for(lambda: metric(server, "loramux_queue_depth", ADMIN_AUTH) == 0, 10)
 
 
+def test_a_task_adapter_is_replaced_and_rolled_back_under_traffic(server, faults_root, base_model):
+    """A new version with other weights through the admin API, then a rollback to the version before,
+    while requests of every kind run (gamma's among them): none of them fails, and each switch is in
+    effect once its admin call returns: X-Loramux-Adapter names the new version and the answer is its
+    own, then the previous version's header and answer are back."""
+    from tests.support import make_lora_adapter
+
+    root, _ = faults_root
+    make_lora_adapter(base_model, root / "gamma_replacement", seed=77)
+
+    def served() -> tuple[str, str]:
+        r = generate(server, "gamma", prompt="Describe the moon.", max_tokens=8, temperature=0)
+        assert r.status_code == 200, r.text
+        return r.headers["x-loramux-adapter"], r.json()["text"]
+
+    before = served()
+    previous = int(before[0].rsplit("@", 1)[1])
+    with Traffic(server) as traffic:
+        time.sleep(0.5)
+        r = httpx.post(f"{server.url}/admin/adapters", json={"name": "gamma", "path": "gamma_replacement"},
+                       headers=ADMIN_AUTH, timeout=120)
+        assert r.status_code == 201, r.text
+        header, text = served()
+        assert header == f"gamma@{r.json()['version']}" != before[0] and text != before[1]
+        r = httpx.post(f"{server.url}/admin/adapters/gamma/activate", json={"version": previous}, headers=ADMIN_AUTH,
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["active_version"] == previous, r.text
+        assert served() == before
+        time.sleep(0.5)
+    assert traffic.failures() == []
+    assert {kind for kind, _, _ in traffic.outcomes} == set(Traffic.KINDS)
+
+
 def test_the_server_logged_no_unhandled_error(server):
     assert crashes(server) == []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from training.answer_scores import ExpertMetric, score_answer
-from training.tool_calls import format_tool_call
+from training.data.tool_calls import format_tool_call
+from training.evaluate.answer_scores import ExpertMetric, score_answer
 
 LIGHTS = ExpertMetric("tool_call", ("HassTurnOn", "HassTurnOff"))
 REFERENCE = format_tool_call("HassTurnOn", {"area": "kitchen", "domain": "light"})

@@ -46,9 +46,18 @@ def test_generate_pinned(client):
 
 
 def test_generate_with_messages_and_stop(client):
+    """The stop string is a word of the same request's answer without it, so it would appear: with it,
+    the answer is exactly the text before it, finish_reason "stop", and fewer tokens were generated."""
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Count: one two"}]
-    r = client.post("/generate", json={"messages": messages, "adapter": "alpha", "max_tokens": 16, "stop": ["\n"]})
-    assert r.status_code == 200 and "\n" not in r.json()["text"]
+    request = {"messages": messages, "adapter": "alpha", "max_tokens": 16, "temperature": 0}
+    full = client.post("/generate", json=request).json()
+    words = full["text"].split()
+    assert len(words) >= 2, full
+    r = client.post("/generate", json={**request, "stop": [words[1]]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["finish_reason"] == "stop" and body["text"] == full["text"][: full["text"].index(words[1])]
+    assert body["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
 
 
 def test_generate_routed_carries_the_decision(client):
@@ -78,8 +87,16 @@ def test_messages_without_content_are_empty_text(client):
     """A message may omit `content` (OpenAI allows it for some roles): it renders as empty text."""
     messages = [{"role": "developer"}, {"role": "user", "content": None},
                 {"role": "user", "content": [{"type": "text", "text": "set a timer"}]}]
-    r = client.post("/route", json={"messages": messages})
+    spelled_out = [{"role": "developer", "content": ""}, {"role": "user", "content": ""},
+                   {"role": "user", "content": "set a timer"}]
+    request = {"adapter": "beta", "max_tokens": 6, "temperature": 0}
+    r = client.post("/generate", json={"messages": messages, **request})
     assert r.status_code == 200, r.text
+    same = client.post("/generate", json={"messages": spelled_out, **request}).json()
+    assert r.json()["text"] == same["text"] and r.json()["usage"] == same["usage"]
+    routed = client.post("/route", json={"messages": messages})
+    assert routed.status_code == 200, routed.text
+    assert routed.json()["candidates"] == client.post("/route", json={"messages": spelled_out}).json()["candidates"]
 
 
 def test_streaming_sse(client):
@@ -124,9 +141,15 @@ def test_malformed_json_and_unknown_route(client):
 
 
 def test_server_keeps_serving_after_errors(client):
+    """Malformed bodies are each the client's 400, and change nothing: the same request answers the
+    same text before and after them."""
+    request = {"prompt": "ok?", "adapter": "alpha", "max_tokens": 2, "temperature": 0}
+    before = client.post("/generate", json=request)
+    assert before.status_code == 200, before.text
     for _ in range(3):
-        client.post("/generate", content=b"garbage", headers={"content-type": "application/json"})
-    assert client.post("/generate", json={"prompt": "ok?", "adapter": "alpha", "max_tokens": 2}).status_code == 200
+        assert_error(client.post("/generate", content=b"garbage", headers={"content-type": "application/json"}), 400)
+    after = client.post("/generate", json=request)
+    assert after.status_code == 200 and after.json()["text"] == before.json()["text"], after.text
 
 
 def test_metrics_are_labelled_by_adapter(client):
@@ -152,5 +175,6 @@ def test_a_huge_prompt_is_routed_on_its_start_and_refused_for_generation(client)
     assert routed.json()["candidates"] == short["candidates"]
     refused = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 4,
                                                         "messages": [{"role": "user", "content": huge}]})
-    assert_error(refused, 400, "messages")
+    # refused on its byte length alone: "too long", not a token count (it was never tokenized)
+    assert "is too long" in assert_error(refused, 400, "messages")["message"]
     assert client.get("/health").json() == {"status": "ok"}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,24 +78,57 @@ def test_mixed_batch_equals_plain_peft(engine_and_refs, base_model, task_adapter
 
 
 def test_finish_reasons_and_stop(engine_and_refs):
+    """The stop string is taken from the same request's own output without it (so it would have
+    appeared): with it, the text is exactly what came before its first occurrence, finish "stop"."""
     engine, refs, loop = engine_and_refs
     ids = chat_ids(engine, PROMPTS[0])
     text, last = loop.run_until_complete(collect(engine, "len", ids, None, SamplingParams(max_tokens=3)))
     assert last.finish_reason == "length" and last.completion_tokens == 3
-    full, _ = loop.run_until_complete(collect(engine, "full", ids, None, SamplingParams(max_tokens=30)))
+    full, whole = loop.run_until_complete(collect(engine, "full", ids, None, SamplingParams(max_tokens=30)))
     word = full.split()[2]
     cut, last = loop.run_until_complete(
         collect(engine, "stop", ids, None, SamplingParams(max_tokens=30, stop=(word,))))
-    assert last.finish_reason == "stop" and word not in cut and full.startswith(cut)
+    assert last.finish_reason == "stop" and cut == full[: full.index(word)]
+    assert last.completion_tokens < whole.completion_tokens  # it ended there, not at max_tokens
 
 
-def test_sampling_with_seed_is_reproducible(engine_and_refs):
+async def collect_ids(engine, request_id, ids, ref, params) -> list[int]:
+    return [t async for delta in engine.generate(request_id, ids, ref, params) for t in delta.token_ids]
+
+
+def test_seeded_sampling_differs_from_greedy_and_repeats_in_another_batch(engine_and_refs):
+    """Temperature must matter (a seeded sample is not the greedy answer), the seed must matter (two
+    seeds differ), and nothing else may: the same seed alone and in a batch beside other sampled,
+    unseeded and greedy requests on other adapters gives the same tokens (each row its own generator)."""
     engine, refs, loop = engine_and_refs
     ids = chat_ids(engine, PROMPTS[1])
-    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
-    a, _ = loop.run_until_complete(collect(engine, "s1", ids, refs["beta"], params))
-    b, _ = loop.run_until_complete(collect(engine, "s2", ids, refs["beta"], params))
-    assert a == b
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234)
+    run = loop.run_until_complete
+    greedy = run(collect_ids(engine, "s-greedy", ids, refs["beta"], SamplingParams(max_tokens=8)))
+    alone = run(collect_ids(engine, "s-alone", ids, refs["beta"], seeded))
+    other_seed = run(collect_ids(engine, "s-other", ids, refs["beta"], replace(seeded, seed=4321)))
+    assert alone != greedy and other_seed != greedy and alone != other_seed
+
+    async def in_a_batch() -> tuple[list[int], int]:
+        neighbours = [
+            asyncio.ensure_future(collect_ids(engine, f"s-n{i}", chat_ids(engine, PROMPTS[i]), refs[name], params))
+            for i, (name, params) in enumerate([
+                ("alpha", SamplingParams(max_tokens=12, temperature=1.0, seed=1234)),  # same seed, other row
+                ("gamma", SamplingParams(max_tokens=12, temperature=0.7)),
+                ("beta", SamplingParams(max_tokens=12)),
+            ])
+        ]
+        await asyncio.sleep(0)  # the neighbours are queued first
+        stream = engine.generate("s-batched", ids, refs["beta"], seeded)
+        first = await anext(stream)
+        running = engine.stats()["running"]
+        tokens = [*first.token_ids, *[t async for delta in stream for t in delta.token_ids]]
+        await asyncio.gather(*neighbours)
+        return tokens, running
+
+    batched, running = run(in_a_batch())
+    assert running > 1  # it really shared its steps
+    assert batched == alone
 
 
 def test_abort_frees_the_slot(engine_and_refs):
@@ -202,3 +236,55 @@ def test_colliding_names_score_in_one_batched_pass(engine_and_refs, base_model, 
     # adding a colliding name leaves the other names' scores as they were
     fewer = loop.run_until_complete(router.scores(refs["alpha"], COLLIDING_NAMES[3:], ids))
     assert fewer == pytest.approx(batched[3:], abs=2e-4)
+
+
+def test_requests_joining_mid_decode_equal_plain_peft(engine_and_refs, base_model, task_adapters):
+    """Joins forced by the order of events, not by timing: B is submitted once A's stream has
+    produced JOIN tokens, C once it has produced 2 * JOIN. B's prompt is longer than A's cache then
+    (the running rows get left-padded), C's shorter (C gets padded), each on another adapter. Every
+    greedy answer must be plain peft's `generate` for that request alone, token for token."""
+    engine, refs, loop = engine_and_refs
+    join, max_tokens = 3, 20
+    params = SamplingParams(max_tokens=max_tokens)
+    prompts = {"a": PROMPTS[1], "b": PROMPTS[3] + " Also, what should I cook with the pasta?", "c": "Hi"}
+    adapters = {"a": "alpha", "b": "beta", "c": None}
+    ids = {key: chat_ids(engine, text) for key, text in prompts.items()}
+    assert len(ids["b"]) > len(ids["a"]) + join and len(ids["c"]) < len(ids["a"])
+
+    async def scenario() -> tuple[dict[str, list[int]], list[int]]:
+        tokens: dict[str, list[int]] = {"a": []}
+        joined: dict[str, asyncio.Future] = {}
+        running_at_join: list[int] = []
+
+        async def late(key: str) -> list[int]:
+            stream = engine.generate(f"join-{key}", ids[key], refs.get(adapters[key] or ""), params)
+            first = await anext(stream)
+            running_at_join.append(engine.stats()["running"])
+            return [*first.token_ids, *[t async for delta in stream for t in delta.token_ids]]
+
+        async for delta in engine.generate("join-a", ids["a"], refs["alpha"], params):
+            tokens["a"].extend(delta.token_ids)
+            for key, after in (("b", join), ("c", 2 * join)):
+                if len(tokens["a"]) >= after and key not in joined:
+                    joined[key] = asyncio.ensure_future(late(key))
+        for key, future in joined.items():
+            tokens[key] = await future
+        return tokens, running_at_join
+
+    tokens, running_at_join = loop.run_until_complete(scenario())
+    assert all(n >= 2 for n in running_at_join), running_at_join  # each joined while A was decoding
+
+    model = AutoModelForCausalLM.from_pretrained(base_model.path, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(model, str(task_adapters["alpha"]), adapter_name="alpha").eval()
+    model.load_adapter(str(task_adapters["beta"]), adapter_name="beta")
+    for key, name in adapters.items():
+        prompt = torch.tensor([ids[key]])
+        with torch.no_grad():
+            if name is None:
+                with model.disable_adapter():
+                    out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
+            else:
+                model.set_adapter(name)
+                out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
+        assert tokens[key] == out[0, len(ids[key]):].tolist(), key
+    assert len(tokens["a"]) == max_tokens  # A outlived both joins (no early end of sequence)

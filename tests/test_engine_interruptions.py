@@ -73,3 +73,49 @@ def test_the_embedded_engine_ends_a_cut_generation_with_an_interruption(embedded
     ref = AdapterRef("cut", 1, task_adapters["alpha"])
     assert loop.run_until_complete(interruptions(engine, ref)) == EXPECTED
     assert engine.stats()["running"] == 0
+
+
+def test_shutdown_ends_every_queued_command(base_model, task_adapters, tmp_path_factory):
+    """Adapter loads and removals and scoring calls queued for the engine thread while it decodes, when
+    the shutdown begins, and others sent while it runs and after it: each one completes or raises,
+    none waits for ever (a caller awaiting a command the stopped thread never runs would hang its
+    request, and the server's own shutdown with it)."""
+    engine = EmbeddedEngine(Settings(cache_dir=tmp_path_factory.mktemp("cache")), base_model)
+    loop = asyncio.new_event_loop()
+    alpha, beta = AdapterRef("alpha", 1, task_adapters["alpha"]), AdapterRef("beta", 1, task_adapters["beta"])
+
+    def commands(ids: list[int]) -> list[Any]:
+        return [engine.add_adapter(beta), engine.next_token_logprobs(ids, alpha, [1, 2]),
+                engine.sequence_logprobs(ids, None, [[1], [2, 3]]), engine.remove_adapter(alpha)]
+
+    async def scenario() -> tuple[list[Any], BaseException | None]:
+        await engine.start()
+        await engine.add_adapter(alpha)
+        ids = chat_ids(engine, "Tell a very long story.")
+        stream = engine.generate("busy", ids, alpha, LONG)
+        await anext(stream)  # the thread is decoding: commands wait for the end of its step
+        queued = [asyncio.ensure_future(c) for c in commands(ids)]
+        await asyncio.sleep(0)  # all four are queued...
+        stopping = asyncio.ensure_future(engine.shutdown())  # ...when the shutdown begins
+        await asyncio.sleep(0)
+        during = [asyncio.ensure_future(c) for c in commands(ids)]
+        await stopping
+        after = [asyncio.ensure_future(c) for c in commands(ids)]
+        futures = [*queued, *during, *after]
+        await asyncio.wait(futures, timeout=20)  # one deadline for all: a hang costs 20 s, not 20 s each
+        outcomes = [("hung" if not f.done() else f.exception() or f.result()) for f in futures]
+        try:
+            async with asyncio.timeout(20):
+                async for _ in stream:
+                    pass
+            ended = None
+        except BaseException as exc:
+            ended = exc
+        return outcomes, ended
+
+    try:
+        outcomes, ended = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert "hung" not in outcomes, outcomes
+    assert isinstance(ended, GenerationInterruptedError), ended  # the running generation is told, too

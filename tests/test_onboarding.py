@@ -34,12 +34,12 @@ from service.base_model import BaseModelInfo
 from service.registry import Registry
 from service.settings import PROJECT_ROOT, Settings
 from tests.support import ServerProcess
-from training.chats import read_chats, write_jsonl
+from training.data.chats import read_chats, write_jsonl
+from training.data.routing_dataset import build_routing_dataset
+from training.data.task_datasets import build_task_datasets
 from training.demo import DemoPlan, run_demo
-from training.onboard import onboard, review_candidate
-from training.routing_dataset import build_routing_dataset
-from training.task_datasets import build_task_datasets
-from training.train import TrainConfig, train_adapter
+from training.register.onboard import onboard, review_candidate
+from training.train.sft import TrainConfig, train_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "loramux", *args], env={**os.environ, **env},
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=1200)
 
 

@@ -4,7 +4,10 @@ chat (sync and async, streaming and not), and errors raised as the client's own 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -52,9 +55,31 @@ def test_routed_chat_names_the_adapter_used(client):
     assert pinned.choices[0].message.content == completion.choices[0].message.content
 
 
-def test_base_model_chat(client):
-    completion = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=4, temperature=0)
-    assert completion.model == BASE and completion.choices[0].message.content
+@functools.cache
+def bare_base_greedy(model_path: Path, max_tokens: int) -> str:
+    """What the bare base model answers to MESSAGES, greedy: transformers alone, no peft anywhere."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_base_model_chat(client, base_model):
+    """The base model's name serves the bare model, no adapter applied: exactly the text transformers
+    gives without peft, and not what the adapters answer to the same chat."""
+    def answer(model: str) -> str:
+        return client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,
+                                              temperature=0).choices[0].message.content
+
+    completion = client.chat.completions.create(model=BASE, messages=MESSAGES, max_tokens=8, temperature=0)
+    assert completion.model == BASE
+    assert completion.choices[0].message.content == bare_base_greedy(base_model.path, 8)
+    assert completion.choices[0].message.content not in {answer(name) for name in TASK_ADAPTERS}
 
 
 def test_streaming_with_usage(client):
@@ -87,9 +112,19 @@ def test_async_client_concurrent_and_streaming(aclient):
 
 
 def test_seeded_sampling_is_reproducible(client):
+    """`temperature` and `seed` reach the engine: a seeded sample is not the greedy answer, another seed
+    gives another sample, and the same seed repeats its text while other requests run beside it."""
     kwargs = {"model": "alpha", "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 7}
-    a = client.chat.completions.create(**kwargs).choices[0].message.content
-    b = client.chat.completions.create(**kwargs).choices[0].message.content
+
+    def text(**changes: object) -> str:
+        return client.chat.completions.create(**{**kwargs, **changes}).choices[0].message.content
+
+    a = text()
+    assert a != text(temperature=0) and a != text(seed=8)
+    with ThreadPoolExecutor(4) as pool:
+        neighbours = [pool.submit(text, model=name, seed=None, max_tokens=16) for name in TASK_ADAPTERS]
+        b = pool.submit(text).result()
+        assert all(n.result() for n in neighbours)
     assert a == b
 
 

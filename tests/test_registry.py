@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import AdapterNotFoundError, ConflictError
+from service.errors import AdapterNotFoundError, BadRequestError, ConflictError
 from service.registry import AdapterVersion, Registry
 
 
@@ -69,6 +69,25 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loras.json", "loras.json.lock"]
 
 
+def test_an_emptied_file_is_unreadable_not_an_empty_registry(tmp_path: Path):
+    """Writers never leave the file empty, so an empty one was truncated by someone else. Read as "no
+    adapters" it would unload every adapter, and the next write would erase every acknowledged entry:
+    both the reader and the writer refuse it instead, and the restored file has every entry back."""
+    reg = Registry(tmp_path / "loras.json")
+    reg.add_version(version("a"))
+    kept = reg.path.read_text()
+    for emptied in ("", "\n  \n"):
+        reg.path.write_text(emptied)
+        with pytest.raises(BadRequestError, match="empty"):
+            reg.load()
+        with pytest.raises(BadRequestError, match="empty"):
+            reg.add_version(version("b"))
+        assert reg.path.read_text() == emptied  # the refused write wrote nothing
+    reg.path.write_text(kept)
+    assert reg.add_version(version("b")).version == 1
+    assert sorted(reg.load().entries) == ["a", "b"]
+
+
 def test_router_promote_and_rollback_cli(tmp_path: Path):
     import subprocess
     import sys
@@ -79,7 +98,7 @@ def test_router_promote_and_rollback_cli(tmp_path: Path):
     reg.add_version(version("router", kind="router", path="r2", labels=("a", "b", "c")), activate=False)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service.cli", "router", *args, "--registry", str(file)],
+        return subprocess.run([sys.executable, "-m", "loramux", "router", *args, "--registry", str(file)],
                               capture_output=True, text=True)
 
     assert "* router@1 active" in cli("status").stdout

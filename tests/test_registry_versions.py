@@ -128,7 +128,7 @@ def test_cli_remove_keeps_versions_and_restore_brings_them_back(tmp_path: Path):
     env = {"LORAMUX_REGISTRY": str(file), "PATH": ""}
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service.cli", "adapters", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "loramux", "adapters", *args], capture_output=True,
                               text=True, env=env, timeout=120)
 
     removed = cli("remove", "alpha", "--yes")
@@ -142,21 +142,24 @@ def test_cli_remove_keeps_versions_and_restore_brings_them_back(tmp_path: Path):
 
 
 def test_vllm_lora_ids_come_from_one_process_wide_counter(tmp_path: Path):
-    from service.engine import vllm_engine
+    """Every engine handle takes its vLLM id from the one counter: never handed out twice, stable per
+    (name, version, folder), and the vLLM engine asks for nothing else."""
+    from service.engine import base, vllm_engine
 
     settings = Settings(registry=tmp_path / "r.json", adapter_root=tmp_path, cache_dir=tmp_path)
-    base = type("Base", (), {"path": tmp_path, "name": "m", "sha256": ""})()
+    model = type("Base", (), {"path": tmp_path, "name": "m", "sha256": ""})()
     monkey = pytest.MonkeyPatch()
     monkey.setattr(vllm_engine, "_vision_language", lambda base: False)
     try:
-        first, second = vllm_engine.VLLMEngine(settings, base), vllm_engine.VLLMEngine(settings, base)
+        engine = vllm_engine.VLLMEngine(settings, model)
     finally:
         monkey.undo()
     v1 = AdapterRef("delta", 1, tmp_path / "delta-1")
-    ids = {first.lora_id(v1), first.lora_id(AdapterRef("delta", 2, tmp_path / "delta-2")),
-           second.lora_id(AdapterRef("other", 1, tmp_path / "other")),
-           first.lora_id(AdapterRef("delta", 1, tmp_path / "delta-again"))}  # same name@1, other weights
-    assert len(ids) == 4  # never handed out twice, whichever engine asks
-    assert first.lora_id(AdapterRef("delta", 1, tmp_path / "delta-1")) == first.lora_id(v1)  # stable
-    assert second.lora_id(v1) == first.lora_id(v1)
-    assert vllm_engine.LORA_IDS.fresh() not in ids
+    ids = {v1.lora_id, AdapterRef("delta", 2, tmp_path / "delta-2").lora_id,
+           AdapterRef("other", 1, tmp_path / "other").lora_id,
+           AdapterRef("delta", 1, tmp_path / "delta-again").lora_id}  # same name@1, other weights
+    assert len(ids) == 4  # never handed out twice
+    assert AdapterRef("delta", 1, tmp_path / "delta-1").lora_id == v1.lora_id  # stable
+    assert base.LORA_IDS.fresh() not in ids
+    pytest.importorskip("vllm")
+    assert engine.lora_request(v1).lora_int_id == v1.lora_id

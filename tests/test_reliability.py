@@ -171,6 +171,28 @@ def test_every_route_also_checks_its_key_in_a_dependency():
         assert expected in calls(route.dependant), route.path
 
 
+@pytest.mark.parametrize(("key", "access", "outcome"), [
+    (None, "public", None), (None, "inference", 401), (None, "admin", 401),
+    ("inf", "inference", None), ("inf", "admin", 403), ("adm", "inference", None), ("adm", "admin", None),
+    ("wrong", "inference", 401), ("wrong", "admin", 401), ("wrong", "public", None),
+])
+def test_one_authorization_decision_for_the_guard_and_the_routes(key, access, outcome) -> None:
+    """The guard before routing and every route's dependency call `authorize`: one table of who may do what."""
+    from service.api import authorization
+    from service.errors import LoramuxError
+
+    settings = Settings(api_keys=["inf"], admin_api_keys=["adm"])
+    try:
+        authorization.authorize(settings, key, access)
+        status = None
+    except LoramuxError as exc:
+        status = exc.status_code
+    assert status == outcome
+    assert authorization.access_for_path("/admin/adapters", settings) == "admin"
+    assert authorization.access_for_path("/metrics", settings) == "inference"
+    assert authorization.access_for_path("/metrics", Settings(metrics_public=True)) == "public"
+
+
 def test_keys_are_compared_in_constant_time(monkeypatch):
     """hmac.compare_digest against every configured key, with no early exit on a match."""
     seen: list[tuple[bytes, bytes]] = []
@@ -180,14 +202,13 @@ def test_keys_are_compared_in_constant_time(monkeypatch):
         seen.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(deps.hmac, "compare_digest", spy)
-    assert deps.key_matches("k1", ["k1", "k2", "k3"])
+    from service.api import authorization
+
+    monkeypatch.setattr(authorization.hmac, "compare_digest", spy)
+    assert authorization.key_matches("k1", ["k1", "k2", "k3"])
     assert len(seen) == 3
     seen.clear()
-    assert not deps.key_matches("k1x", ["k1"]) and len(seen) == 1
-    from service.api import middleware
-
-    assert middleware.key_matches is deps.key_matches
+    assert not authorization.key_matches("k1x", ["k1"]) and len(seen) == 1
 
 
 def raw_status(server: ServerProcess, target: str, key: str | None) -> int:
@@ -476,7 +497,7 @@ def test_adapter_deleted_from_disk_is_marked_failed_and_others_keep_serving(main
         shutil.rmtree(root / "doomed")
         assert wait_for(lambda: post(main, "/generate", {"prompt": "Hi", "adapter": "doomed"}).status_code == 422)
         events = in_flight.result(timeout=60)
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] in ("length", "stop")
+    assert events[-1] == "[DONE]" and json.loads(events[-2]).get("finish_reason") in ("length", "stop"), events[-3:]
     error = assert_error(post(main, "/generate", {"prompt": "Hi", "adapter": "doomed"}), 422, "adapter")
     assert "deleted from disk" in error["message"]
     for adapter in TASK_ADAPTERS:

@@ -17,11 +17,11 @@ import pytest
 
 from service.settings import Settings
 from tests.conftest import CACHE_DIR, TASK_ADAPTERS
-from training import metrics
-from training.chats import read_chats, write_jsonl
-from training.evaluate import evaluate_router, router_gold
-from training.routing_dataset import build_routing_dataset
-from training.sources import hass
+from training.data.chats import read_chats, write_jsonl
+from training.data.routing_dataset import build_routing_dataset
+from training.data.sources import hass
+from training.evaluate import metrics
+from training.evaluate.router_and_experts import evaluate_router, router_gold
 
 EXPERT_OF = dict(zip(TASK_ADAPTERS, ("lights", "media", "timer"), strict=True))
 

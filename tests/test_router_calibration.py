@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from training.calibration import calibrate, confidences, ece, fit_temperature
-from training.schedule import ROUTER, plan_training
-from training.validation import ValidationResult
+from training.train.calibration import calibrate, confidences, ece, fit_temperature
+from training.train.schedule import ROUTER, plan_training
+from training.train.validation import ValidationResult
 
 
 def test_training_defaults_change_with_the_dataset_size() -> None:
@@ -62,7 +62,7 @@ def test_fitted_temperature_lowers_the_ece_of_an_overconfident_router() -> None:
 
 def test_fitted_temperature_minimises_the_nll() -> None:
     scores, gold = overconfident(n=200, accuracy=0.9, margin=5.0, seed=3)
-    from training.calibration import nll
+    from training.train.calibration import nll
 
     best = fit_temperature(scores, gold)
     for other in (best * 0.8, best * 1.25):

@@ -28,14 +28,14 @@ def test_public_bind_without_keys_is_refused():
 
 
 def test_every_setting_is_a_serve_flag():
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "loramux", "serve", "--help"], capture_output=True, text=True,
                          env={"COLUMNS": "250", "PATH": ""}, check=True).stdout
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in out, name
 
 
 def test_serve_refuses_insecure_flags():
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0"],
+    proc = subprocess.run([sys.executable, "-m", "loramux", "serve", "--host", "0.0.0.0"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "without LORAMUX_API_KEYS" in proc.stderr + proc.stdout

@@ -30,14 +30,14 @@ import pytest
 from service.base_model import BaseModelInfo
 from service.settings import PROJECT_ROOT, Settings
 from tests.support import ServerProcess
-from training.answer_scores import ExpertMetric, score_answer
-from training.chats import read_chats, write_jsonl
-from training.register import RegistryContext, register_adapter
-from training.routing_dataset import build_routing_dataset
-from training.stacked import evaluate_stacked, setup_from_registry
-from training.task_datasets import build_task_datasets
-from training.tool_calls import format_tool_call
-from training.train import TrainConfig, train_adapter
+from training.data.chats import read_chats, write_jsonl
+from training.data.routing_dataset import build_routing_dataset
+from training.data.task_datasets import build_task_datasets
+from training.data.tool_calls import format_tool_call
+from training.evaluate.answer_scores import ExpertMetric, score_answer
+from training.evaluate.stacked import evaluate_stacked, setup_from_registry
+from training.register.commands import RegistryContext, register_adapter
+from training.train.sft import TrainConfig, train_adapter
 
 EXPERTS = ("calendar", "lights", "timer")
 DERANGED = dict(zip(EXPERTS, (*EXPERTS[1:], EXPERTS[0]), strict=True))  # every label another expert's
@@ -51,7 +51,7 @@ def signature(expert: str) -> str:
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "loramux", *args], env={**os.environ, **env},
                           capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=900)
 
 
@@ -121,7 +121,7 @@ def good_run(world: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]
 @pytest.fixture(scope="module")
 def shuffled_run(world: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The same evaluation in this process (`evaluate_stacked`) with the deranged router's folder."""
-    from training.reports import write_report
+    from training.evaluate.reports import write_report
 
     settings = world["settings"]
     evaluation = evaluate_stacked(setup_from_registry(settings, router_path=world["wrong"]), world["routing"],
@@ -218,7 +218,7 @@ def test_through_a_live_server_the_decisions_equal_the_local_run(world: dict[str
 @pytest.mark.filterwarnings("ignore:The .* function is executing locally:UserWarning")
 def test_the_modal_function_runs_locally(world: dict[str, Any], shuffled_run: Any,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """`modal run deploy/modal_app.py::stacked --routing-run router-shuffled ...`'s body, on this CPU: the run
+    """`modal run -m deploy.modal_app::stacked --routing-run router-shuffled ...`'s body, on this CPU: the run
     named routes (not the registry's active router), the registered experts answer."""
     pytest.importorskip("modal")
     import deploy.modal_app as modal_app

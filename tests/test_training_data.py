@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import PROJECT_ROOT
-from training.chats import DatasetError, normalize_text, read_chats
-from training.sources import hass, timeparse
-from training.task_datasets import build_task_datasets
-from training.tool_calls import CALENDAR_TOOL, is_valid_tool_call, parse_tool_call
+from training.data.chats import DatasetError, normalize_text, read_chats
+from training.data.sources import hass, timeparse
+from training.data.task_datasets import build_task_datasets
+from training.data.tool_calls import CALENDAR_TOOL, is_valid_tool_call, parse_tool_call
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loramux", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
 
 

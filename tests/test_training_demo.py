@@ -33,7 +33,13 @@ def test_quick_demo_trains_evaluates_and_registers(quick_demo) -> None:
         assert version.kind == "task" and version.path.startswith("runs/")
         assert "eval" in version.metrics  # evaluation results travel into the registry
     assert result.report_dir is not None and (result.report_dir / "router" / "confusion.png").is_file()
-    assert 0.0 <= result.summary["router"]["accuracy"] <= 1.0
+    # the headline accuracy is the share of the confusion matrix on its diagonal, over every eval example
+    confusion = json.loads((result.report_dir / "router" / "report.json").read_text())["confusion"]
+    right = sum(row[confusion["columns"].index(label)]
+                for label, row in zip(confusion["labels"], confusion["matrix"], strict=True))
+    total = sum(map(sum, confusion["matrix"]))
+    assert total == result.summary["router"]["examples"] > 0
+    assert result.summary["router"]["accuracy"] == round(right / total, 4)
     assert any("demo finished" in line for line in lines)
     # the whole pipeline's figures, next to the router's and the experts' (issue 16)
     stacked = result.summary["stacked"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training import metrics as m
-from training.tool_calls import (
+from training.data.tool_calls import (
     format_tool_call,
     is_iso8601,
     is_iso_duration,
@@ -13,6 +12,7 @@ from training.tool_calls import (
     parse_tool_call,
     same_tool_call,
 )
+from training.evaluate import metrics as m
 
 # 6 routing decisions over labels a, b, c, one of them not a label at all
 GOLD = ["a", "a", "a", "b", "b", "c"]

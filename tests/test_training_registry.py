@@ -17,7 +17,7 @@ from service.errors import AdapterValidationError
 from service.registry import Registry
 from service.settings import Settings
 from tests.support import PROJECT_ROOT, make_lora_adapter
-from training.register import RegistryContext, list_adapters, register_adapter, rollback_adapter
+from training.register.commands import RegistryContext, list_adapters, register_adapter, rollback_adapter
 
 # Registers the adapter at argv[1] as task adapter argv[2], argv[3] times, into $LORAMUX_REGISTRY.
 WRITER = """
@@ -25,7 +25,7 @@ import sys
 from service.adapter_validation import base_module_names
 from service.base_model import resolve_base_model
 from service.settings import Settings
-from training.register import RegistryContext, register_adapter
+from training.register.commands import RegistryContext, register_adapter
 settings = Settings()
 base = resolve_base_model(settings.base_model, settings.cache_dir)
 context = RegistryContext(settings, base, base_module_names(base))
@@ -136,7 +136,7 @@ def test_cli_register_list_and_errors(adapter: Path, adapter_root: Path, tmp_pat
     env = _env(adapter_root, registry)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], env=env, cwd=tmp_path,
+        return subprocess.run([sys.executable, "-m", "loramux", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
 
     done = cli("register", "--kind", "task", "--name", "gamma", "--path", str(adapter), "--description", "g")

@@ -17,10 +17,10 @@ from service.base_model import BaseModelInfo
 from service.prompts import router_messages
 from service.registry import Registry
 from service.settings import PROJECT_ROOT, Settings
-from training.chats import read_chats, write_jsonl
-from training.preprocess import IGNORE, tokenize_chat, tokenize_records
-from training.routing_dataset import build_routing_dataset
-from training.sources import hass
+from training.data.chats import read_chats, write_jsonl
+from training.data.routing_dataset import build_routing_dataset
+from training.data.sources import hass
+from training.train.preprocess import IGNORE, tokenize_chat, tokenize_records
 
 TINY = {"rank": 4, "alpha": 8, "batch_size": 4, "progress": False, "eval_examples": 4, "save_steps": 1000}
 
@@ -87,9 +87,9 @@ def test_train_router_validate_evaluate_register(settings: Settings, base_model:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.evaluate import evaluate_router
-    from training.register import RegistryContext, register_adapter
-    from training.train import TrainConfig, train_adapter
+    from training.evaluate.router_and_experts import evaluate_router
+    from training.register.commands import RegistryContext, register_adapter
+    from training.train.sft import TrainConfig, train_adapter
 
     result = train_adapter(TrainConfig(kind="router", dataset=routing_dir, run_name="tiny-router", max_steps=3,
                                        **TINY), settings, base_model)
@@ -114,7 +114,16 @@ def test_train_router_validate_evaluate_register(settings: Settings, base_model:
     assert report["examples"] == 4 and report["labels"] == ["lights", "media"]
     assert sum(map(sum, report["confusion"]["matrix"])) == 4
     assert report["invalid_name_rate"] == 0.0  # constrained decisions are always a label
-    assert 0.0 <= report["calibration"]["ece"] <= 1.0
+    # the ECE is the reliability table's weighted gap, and the table agrees with the accuracy and the
+    # mean confidence computed from the decisions themselves
+    calibration = report["calibration"]
+    filled = [b for b in calibration["bins"] if b["count"]]
+    assert sum(b["count"] for b in filled) == 4
+    assert calibration["ece"] == pytest.approx(sum(b["count"] / 4 * abs(b["accuracy"] - b["confidence"])
+                                                   for b in filled), abs=1e-9)
+    assert sum(b["count"] * b["accuracy"] for b in filled) / 4 == pytest.approx(report["accuracy"], abs=1e-9)
+    assert sum(b["count"] * b["confidence"] for b in filled) / 4 == pytest.approx(calibration["mean_confidence"],
+                                                                                 abs=1e-9)
 
     version = register_adapter("router", "router", final, context=RegistryContext(settings, base_model, modules))
     snapshot = Registry(settings.registry).load()
@@ -129,7 +138,7 @@ def test_task_training_is_deterministic_and_resumable(settings: Settings, base_m
 
     from safetensors.torch import load_file
 
-    from training.train import TrainConfig, train_adapter
+    from training.train.sft import TrainConfig, train_adapter
 
     def run(name: str, steps: int, **extra: object) -> dict:
         config = TrainConfig(kind="task", dataset=expert_files["lights"], run_name=name, max_steps=steps, seed=7,
@@ -152,7 +161,7 @@ def test_task_training_is_deterministic_and_resumable(settings: Settings, base_m
     resumed = run("resume", 3, save_steps=1)
     assert resumed["metrics"]["resumed"] is True and resumed["metrics"]["steps"] == 3
 
-    from training.train import TrainError
+    from training.train.sft import TrainError
 
     with pytest.raises(TrainError, match="finished"):
         run("resume", 3)

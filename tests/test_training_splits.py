@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.prompts import ROUTER_SYSTEM_PROMPT
-from training.chats import normalize_text
-from training.routing_dataset import build_routing_dataset
-from training.splits import SPLITS, SplitError, balance, check_no_leakage, split_sizes, stratified_split
+from training.data.chats import normalize_text
+from training.data.routing_dataset import build_routing_dataset
+from training.data.splits import SPLITS, SplitError, balance, check_no_leakage, split_sizes, stratified_split
 
 WORDS = ["turn", "on", "the", "lamp", "Kitchen", "timer", "play", "jazz", "tomorrow", "at", "5", "pm", " ", "  "]
 

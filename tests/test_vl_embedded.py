@@ -179,3 +179,29 @@ def test_whole_names_with_an_image_equal_transformers(engine, tiny_vl: Path, vl_
             logprobs = torch.log_softmax(peft(**whole).logits[0].float(), dim=-1)
             expected.append(float(sum(logprobs[start - 1 + i, t] for i, t in enumerate(answer))))
     assert got == pytest.approx(expected, abs=2e-4)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (37, 91), (300, 517), (700, 700), (20, 20), (1000, 120)])
+def test_image_tokens_are_known_from_the_size_alone(engine, tiny_vl: Path, size: tuple[int, int]) -> None:
+    """The context-length check counts an image's tokens from its width and height before the image
+    reaches the engine (`ImageSizes.tokens`, the processor's own resize rule). The count must be the
+    length the Qwen3-VL processor's real expansion gives, for sizes it keeps, shrinks (700x700 is over
+    its max_pixels) and grows (20x20)."""
+    from service.context_window import prompt_length
+
+    eng, _, _ = engine
+    image = sample_image(RED, size=size)
+    messages = chat(image, "count me")
+    expanded = load_vl_processor(tiny_vl).apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=True, return_tensors="pt")["input_ids"]
+    assert prompt_length(len(ids_of(eng, messages)), [image], eng.image_sizes) == expanded.shape[1]
+
+
+def test_the_pixel_cap_defaults_to_the_processors_max_pixels(engine) -> None:
+    """Bigger images the processor would shrink anyway; by default none bigger is decoded."""
+    from service.multimodal import pixel_cap
+
+    eng, _, _ = engine
+    assert eng.image_sizes is not None
+    assert pixel_cap(Settings(), eng.image_sizes) == 512 * 512  # tests/vl_support.py's longest_edge
+    assert pixel_cap(Settings(max_image_pixels=1000), eng.image_sizes) == 1000

@@ -103,7 +103,11 @@ def test_route_and_generate_see_the_image(vl_server: str) -> None:
     assert probabilities[0]["alpha"] != pytest.approx(probabilities[1]["alpha"], abs=1e-6)
 
     text_only = httpx.post(f"{vl_server}/route", json={"prompt": "What should handle this screen?"}, timeout=60)
-    assert text_only.status_code == 200  # text requests keep working on a vision-language base model
+    assert text_only.status_code == 200, text_only.text  # text requests keep working on a vision-language base
+    candidates = {c["adapter"]: c["probability"] for c in text_only.json()["candidates"]}
+    assert set(candidates) == {"alpha", "beta"} and sum(candidates.values()) == pytest.approx(1, abs=1e-3)
+    assert text_only.json()["adapter"] == max(candidates, key=candidates.__getitem__)
+    assert all(candidates["alpha"] != pytest.approx(p["alpha"], abs=1e-6) for p in probabilities)  # no image seen
     generated = httpx.post(f"{vl_server}/generate", timeout=60, json={
         "messages": image_chat(image_data_url(sample_image(RED))), "max_tokens": 3})
     assert generated.status_code == 200, generated.text
@@ -291,4 +295,48 @@ def test_the_server_never_fetches_from_its_own_network(url_server: str, image_si
         assert response.elapsed.total_seconds() < 4, url  # refused, not timed out
     assert len(messages) == 1 and "could not be fetched" in messages.pop()
     assert _ImageHandler.seen == []
+    assert httpx.get(f"{url_server}/ready", timeout=10).status_code == 200
+
+
+def test_the_default_pixel_cap_is_the_processors_own(url_server: str) -> None:
+    """Without `LORAMUX_MAX_IMAGE_PIXELS` the cap is the image processor's max_pixels (512 x 512 for the
+    tiny model): a bigger image, which the processor would only shrink, is not decoded at all."""
+    over = png_url(encoded(sample_image(RED, size=(600, 600))))
+    response = httpx.post(f"{url_server}/route", json={"messages": image_chat(over)}, timeout=60)
+    assert response.status_code == 413, response.text
+    assert "at most 262144 pixels" in response.json()["error"]["message"]
+    at_cap = png_url(encoded(sample_image(RED, size=(512, 512))))
+    assert httpx.post(f"{url_server}/route", json={"messages": image_chat(at_cap)}, timeout=60).status_code == 200
+
+
+def test_images_count_toward_the_context_before_anything_runs(url_server: str) -> None:
+    """One context-length check, images counted as the tokens they expand to: an over-long image chat is a
+    400 before the stream starts (not an error event inside a 200 stream), with the same token count the
+    engine would see, and a router prompt whose images overflow its budget is refused before routing."""
+    image = png_url(encoded(sample_image(RED, size=(512, 512))))  # 256 tokens once expanded
+    body = {"model": "alpha", "messages": image_chat(image, image), "max_tokens": 600, "stream": True}
+    response = httpx.post(f"{url_server}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "600 new tokens" in error["message"], error
+    found = re.search(r"prompt has (\d+) tokens", error["message"])
+    assert found and 512 < int(found.group(1)) < 600, error  # both images' 256 tokens and the text
+    body = {"model": "alpha", "messages": image_chat(image, image), "max_tokens": 400}  # fits: served
+    assert httpx.post(f"{url_server}/v1/chat/completions", json=body, timeout=120).status_code == 200
+
+    four = image_chat(image, image, image, image)  # 1024 image tokens: over the router's budget (the context)
+    for path, extra in (("/route", {}), ("/v1/chat/completions", {"model": "auto", "max_tokens": 1})):
+        response = httpx.post(f"{url_server}{path}", json={"messages": four, **extra}, timeout=60)
+        assert response.status_code == 400, (path, response.text)
+        error = response.json()["error"]
+        assert error["param"] == "messages" and "the router's prompt has" in error["message"], error
+
+
+def test_an_image_the_processor_cannot_take_is_the_clients_error(url_server: str) -> None:
+    """A 1000 x 4 strip: the Qwen-VL processor refuses sides more than 200 times apart; a 400, never a 500."""
+    strip = png_url(encoded(sample_image(RED, size=(1000, 4))))
+    for path, extra in (("/route", {}), ("/v1/chat/completions", {"model": "alpha", "max_tokens": 1})):
+        response = httpx.post(f"{url_server}{path}", json={"messages": image_chat(strip), **extra}, timeout=60)
+        assert response.status_code == 400, (path, response.text)
+        assert "1000x4" in response.json()["error"]["message"]
     assert httpx.get(f"{url_server}/ready", timeout=10).status_code == 200

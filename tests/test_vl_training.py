@@ -19,10 +19,10 @@ from service.registration import register_adapter
 from service.settings import Settings
 from tests.support import ServerProcess
 from tests.vl_support import image_data_url, sample_image
-from training.chats import DatasetError, read_chats
-from training.evaluate import evaluate_router
-from training.routing_dataset import build_routing_dataset
-from training.train import TrainConfig, train_adapter
+from training.data.chats import DatasetError, read_chats
+from training.data.routing_dataset import build_routing_dataset
+from training.evaluate.router_and_experts import evaluate_router
+from training.train.sft import TrainConfig, train_adapter
 
 QUESTIONS = ["What should handle this screen?", "Which tool fits this?", "Take care of this screen.",
              "Who handles this one?", "Route this screenshot."]

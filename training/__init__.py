@@ -18,17 +18,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_task_datasets": "training.task_datasets",
-    "build_routing_dataset": "training.routing_dataset",
-    "TrainConfig": "training.train",
-    "train_adapter": "training.train",
-    "evaluate_router": "training.evaluate",
-    "evaluate_expert": "training.evaluate",
-    "register_adapter": "training.register",
-    "list_adapters": "training.register",
-    "show_adapter": "training.register",
-    "rollback_adapter": "training.register",
-    "remove_adapter": "training.register",
+    "build_task_datasets": "training.data.task_datasets",
+    "build_routing_dataset": "training.data.routing_dataset",
+    "TrainConfig": "training.train.sft",
+    "train_adapter": "training.train.sft",
+    "evaluate_router": "training.evaluate.router_and_experts",
+    "evaluate_expert": "training.evaluate.router_and_experts",
+    "register_adapter": "training.register.commands",
+    "list_adapters": "training.register.commands",
+    "show_adapter": "training.register.commands",
+    "rollback_adapter": "training.register.commands",
+    "remove_adapter": "training.register.commands",
     "DemoPlan": "training.demo",
     "run_demo": "training.demo",
 }

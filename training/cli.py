@@ -36,7 +36,7 @@ class AdapterKind(StrEnum):
 class EvalKind(StrEnum):
     router = "router"
     task = "task"
-    stacked = "stacked"  # route, answer with the chosen expert, score (training.stacked)
+    stacked = "stacked"  # route, answer with the chosen expert, score (training.evaluate.stacked)
 
 
 class CliError(Exception):
@@ -52,9 +52,9 @@ def _friendly_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from service.errors import LoramuxError
-        from training.chats import DatasetError
-        from training.splits import SplitError
-        from training.train import TrainError
+        from training.data.chats import DatasetError
+        from training.data.splits import SplitError
+        from training.train.sft import TrainError
 
         try:
             return fn(*args, **kwargs)
@@ -98,7 +98,7 @@ def dataset_build(
     max_per_class: Annotated[int | None, typer.Option(help="at most this many texts per adapter")] = None,
 ) -> None:
     """Routing dataset (train/val/eval + card) from per-adapter chat files."""
-    from training.routing_dataset import build_routing_dataset, default_out_dir, parse_source_args
+    from training.data.routing_dataset import build_routing_dataset, default_out_dir, parse_source_args
 
     sources = parse_source_args(source)
     out_dir = out or default_out_dir(Path.cwd())
@@ -123,8 +123,8 @@ def dataset_experts(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Expert datasets from home-assistant-intents (hassil) and the ctparse corpus."""
-    from training.routing_dataset import default_out_dir
-    from training.task_datasets import build_task_datasets
+    from training.data.routing_dataset import default_out_dir
+    from training.data.task_datasets import build_task_datasets
 
     out_dir = out or default_out_dir(Path.cwd(), "experts")
     names = [n.strip() for n in experts.split(",") if n.strip()]
@@ -164,7 +164,7 @@ def train_command(
     description: Annotated[str, typer.Option()] = "",
 ) -> None:
     """LoRA SFT (TRL SFTTrainer + peft); writes runs/NAME/final/ with loramux.json."""
-    from training.train import TrainConfig, train_adapter
+    from training.train.sft import TrainConfig, train_adapter
 
     config = TrainConfig(
         kind=kind.value,  # type: ignore[arg-type]
@@ -224,8 +224,8 @@ def eval_command(
 ) -> None:
     """Router (accuracy, P/R/F1, confusion, invalid names, calibration), expert, or stacked evaluation
     (routing accuracy, end-to-end, oracle and base scores, where the gap goes, per expert)."""
-    from training.evaluate import EngineSession, evaluate_expert_async, evaluate_router_async
-    from training.reports import report_text, write_report
+    from training.evaluate.reports import report_text, write_report
+    from training.evaluate.router_and_experts import EngineSession, evaluate_expert_async, evaluate_router_async
 
     kind_name = kind.value
     settings = _settings()
@@ -260,10 +260,10 @@ def eval_command(
 def _eval_stacked(settings: Any, dataset: Path, split: str, limit: int | None, router: str | None,
                   server: str | None, max_tokens: int, out: Path | None, as_json: bool) -> None:
     """`eval --kind stacked`: on an engine here over the registry's router and experts, or through `server`."""
-    from training.reports import report_text, write_report
-    from training.stacked import evaluate_stacked, setup_from_registry
-    from training.stacked_http import evaluate_stacked_server
-    from training.stacked_report import summary
+    from training.evaluate.reports import report_text, write_report
+    from training.evaluate.stacked import evaluate_stacked, setup_from_registry
+    from training.evaluate.stacked_http import evaluate_stacked_server
+    from training.evaluate.stacked_report import summary
 
     if server:
         evaluation = evaluate_stacked_server(server, dataset, split=split, limit=limit, max_tokens=max_tokens,
@@ -307,7 +307,7 @@ def register_command(
     activate: Annotated[bool, typer.Option(help="make this version active")] = True,
 ) -> None:
     """Validate and atomically add a new adapter version to the registry."""
-    from training.register import RegistryContext, register_adapter
+    from training.register.commands import RegistryContext, register_adapter
 
     settings = _settings()
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
@@ -323,7 +323,7 @@ def register_command(
 @_friendly_errors
 def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every registered adapter with its active version."""
-    from training.register import list_adapters
+    from training.register.commands import list_adapters
 
     settings = _settings()
     rows = list_adapters(settings)
@@ -344,7 +344,7 @@ def adapters_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> N
 @_friendly_errors
 def adapters_show(name: str) -> None:
     """All versions of one adapter, with metrics and dataset."""
-    from training.register import show_adapter
+    from training.register.commands import show_adapter
 
     _echo_json(show_adapter(name, _settings()))
 
@@ -355,7 +355,7 @@ def adapters_rollback(
     name: str, version: Annotated[int | None, typer.Option(help="version to activate (default: previous)")] = None
 ) -> None:
     """Activate an earlier version (default: the one before the active version)."""
-    from training.register import rollback_adapter
+    from training.register.commands import rollback_adapter
 
     active = rollback_adapter(name, version, _settings())
     typer.echo(f"{name}: version {active.version} is active")
@@ -422,7 +422,7 @@ def onboard_command(
     = None,
 ) -> None:
     """Add an expert to the live service: register it, retrain the router, gate it, promote it."""
-    from training.onboard import onboard, step_options
+    from training.register.onboard import onboard, step_options
 
     expert_options, router_options = step_options(expert_steps, router_steps)
     result = onboard(name, dataset, adapter, train, _settings(), router_name=router, floor=floor, margin=margin,

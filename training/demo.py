@@ -3,7 +3,7 @@
 Builds the expert datasets (home-assistant-intents + ctparse), the routing dataset from the same
 files, trains each expert and the router (few hundred steps in total: the plan below is sized for
 about 40 minutes on 2 cores), evaluates them through the serving engine on their
-held-out eval splits, then the whole pipeline on the routing eval split (`training.stacked`: route,
+held-out eval splits, then the whole pipeline on the routing eval split (`training.evaluate.stacked`: route,
 answer with the chosen expert, score, next to the true expert and the base model), records the
 results in each adapter's `loramux.json`, registers everything and prints a short report. Experts
 are registered before the router, so a running service never sees a router whose candidates are
@@ -23,15 +23,15 @@ from typing import Any
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.registry import Registry
 from service.settings import Settings
-from training.chats import write_json
-from training.evaluate import EngineSession, evaluate_expert_async, evaluate_router_async
-from training.metadata import update_metrics
-from training.register import RegistryContext, register_adapter
-from training.reports import pct, write_report
-from training.routing_dataset import build_routing_dataset
-from training.stacked import evaluate_stacked_async, router_folder_spec, setup_from_folders
-from training.task_datasets import DEMO_EXPERTS, build_task_datasets
-from training.train import TrainConfig, train_adapter
+from training.data.chats import write_json
+from training.data.routing_dataset import build_routing_dataset
+from training.data.task_datasets import DEMO_EXPERTS, build_task_datasets
+from training.evaluate.reports import pct, write_report
+from training.evaluate.router_and_experts import EngineSession, evaluate_expert_async, evaluate_router_async
+from training.evaluate.stacked import evaluate_stacked_async, router_folder_spec, setup_from_folders
+from training.register.commands import RegistryContext, register_adapter
+from training.train.metadata import update_metrics
+from training.train.sft import TrainConfig, train_adapter
 
 ROUTER_NAME = "router"
 STACKED = "stacked"  # the report of the whole pipeline: route, answer with the chosen expert, score

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine.base import SamplingParams
 from service.errors import BadRequestError
+from service.inference import Choice
 from service.settings import Settings
 
 
@@ -106,3 +107,23 @@ class Usage(BaseModel):
 
 
 SEED_FIELD = Field(None, ge=-(2**63), le=2**63 - 1)
+
+
+def route_info(choice: Choice) -> dict[str, Any] | None:
+    """The routing decision as the API shows it (`/route`'s body, `routing` in `/generate`, the
+    `X-Loramux-Route` header); None for a pinned adapter."""
+    if choice.decision is None or choice.router is None:
+        return None
+    d = choice.decision
+    return {
+        "adapter": choice.name,
+        "version": choice.version,
+        "confidence": round(d.confidence, 6),
+        "candidates": [
+            {"adapter": name, "probability": p}
+            for name, p in sorted(d.probabilities.items(), key=lambda kv: -kv[1])
+        ],
+        "fallback": d.fallback,
+        "router": {"name": choice.router.version.name, "version": choice.router.version.version},
+        "latency_ms": round(d.latency_ms, 3),
+    }

@@ -20,18 +20,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import key_matches
-from service.errors import (
-    AuthenticationError,
-    BadRequestError,
-    LoramuxError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    error_body,
-)
+from service.api.authorization import access_for_path, authorize
+from service.errors import BadRequestError, LoramuxError, PayloadTooLargeError, error_body
 from service.settings import LOOPBACK_HOSTS, Settings
-
-PUBLIC_PATHS = {"/health", "/ready"}
 
 
 class RequestTimeoutError(LoramuxError):
@@ -80,9 +71,6 @@ class AuthMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
         self.settings = settings
-        self.public = set(PUBLIC_PATHS)
-        if settings.metrics_public:
-            self.public.add("/metrics")
         self.hosts = LOOPBACK_HOSTS | {h.lower() for h in settings.allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -92,19 +80,11 @@ class AuthMiddleware:
             return await send_error(send, BadRequestError(
                 "this server answers only requests addressed to localhost, 127.0.0.1 or [::1] "
                 "(or a name in LORAMUX_ALLOWED_HOSTS)", param="host"))
-        if not self.settings.auth_enabled or scope["path"] in self.public or is_preflight(scope):
-            return await self.app(scope, receive, send)
-        key = bearer_key(scope)
-        admin_path = scope["path"] == "/admin" or scope["path"].startswith("/admin/")
-        s = self.settings
-        if key is None:
-            return await send_error(send, AuthenticationError("a valid API key is required (Authorization: Bearer)"))
-        if admin_path and not key_matches(key, s.admin_api_keys):
-            if key_matches(key, s.api_keys):
-                return await send_error(send, PermissionDeniedError("this key may not manage adapters"))
-            return await send_error(send, AuthenticationError("a valid admin API key is required"))
-        if not admin_path and not key_matches(key, [*s.api_keys, *s.admin_api_keys]):
-            return await send_error(send, AuthenticationError("a valid API key is required"))
+        if not is_preflight(scope):
+            try:
+                authorize(self.settings, bearer_key(scope), access_for_path(scope["path"], self.settings))
+            except LoramuxError as exc:
+                return await send_error(send, exc)
         return await self.app(scope, receive, send)
 
 

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from service.api.common import route_info
 from service.inference import Choice
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def header_value(text: str) -> str:
 def route_headers(choice: Choice) -> dict[str, str]:
     """`X-Loramux-Adapter` names the adapter used; `X-Loramux-Route` carries the routing decision."""
     headers = {"X-Loramux-Adapter": header_value(f"{choice.name}@{choice.version}") if choice.name else "base"}
-    info = choice.route_info()
+    info = route_info(choice)
     if info is not None:
         # json.dumps escapes every non-ASCII character, so this value is ASCII already
         headers["X-Loramux-Route"] = header_value(json.dumps(

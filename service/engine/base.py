@@ -8,20 +8,53 @@ iterator. Routing needs two scoring primitives, also here, so the router runs on
 from __future__ import annotations
 
 import abc
+import itertools
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from service.engine.vision import ImageSizes
 
 # OpenAI's own values: a generation the engine cuts short (adapter unloaded, aborted, engine stopped)
 # does not finish, it raises `GenerationInterruptedError`, the same on both engines
 FinishReason = Literal["stop", "length"]
 
 
+class LoraIds:
+    """vLLM integer LoRA ids for the whole process: one monotonic counter, so an id is handed out
+    once and never again (not to a later version, not to a re-registered name, not by a second
+    engine in the same process). An adapter version (name, version, folder) keeps its id for the
+    life of the process, unloaded and loaded again included."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+        self._ids: dict[tuple[str, int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def of(self, adapter: AdapterRef) -> int:
+        key = (adapter.name, adapter.version, str(adapter.path))
+        with self._lock:
+            if key not in self._ids:
+                self._ids[key] = next(self._counter)
+            return self._ids[key]
+
+    def fresh(self) -> int:
+        """An id for a LoRA that is not an adapter version (the CPU build's null LoRA)."""
+        with self._lock:
+            return next(self._counter)
+
+
+LORA_IDS = LoraIds()
+
+
 @dataclass(frozen=True)
 class AdapterRef:
-    """A loadable adapter version. `uid` is stable per (name, version) and never reused, which is
-    what vLLM's integer LoRA ids are derived from (a reused id would serve stale prefix-cache blocks)."""
+    """A loadable adapter version: the engine handle of one registry version (the adapter manager
+    makes one per loaded version). Its `lora_id` is the version's integer id for vLLM, from the one
+    process-wide `LORA_IDS` (a reused id would serve stale prefix-cache blocks)."""
 
     name: str
     version: int
@@ -31,6 +64,12 @@ class AdapterRef:
     @property
     def key(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def lora_id(self) -> int:
+        """Allocated once per (name, version, folder) and kept for the process's life, so a new version
+        (or another adapter) can never inherit an old version's cached blocks."""
+        return LORA_IDS.of(self)
 
 
 @dataclass(frozen=True)
@@ -82,6 +121,13 @@ class Engine(abc.ABC):
         and the prompt carries one image placeholder token per image (the chat template's
         `<|image_pad|>`); the engine expands it to the image's patch count itself."""
         return False
+
+    @property
+    def image_sizes(self) -> ImageSizes | None:
+        """How the base model's image processor sizes images (its pixel cap, each image's token
+        count), for the checks made before an image request reaches the engine; None when the
+        model takes no images."""
+        return None
 
     @abc.abstractmethod
     async def add_adapter(self, adapter: AdapterRef) -> None:

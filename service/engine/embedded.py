@@ -2,10 +2,10 @@
 
 One base model is wrapped once in a `PeftModel`; each registered adapter version is loaded into
 it under its own name. A single worker thread owns the model (so adapter loads never race a
-forward pass) and runs a continuous-batching loop: between two decode steps it admits waiting
-requests (prefilled together, then merged into the running KV cache), decodes one token for every
-running sequence in one forward pass with peft's per-row `adapter_names` (a mixed-adapter batch),
-and retires finished or aborted rows. Async callers talk to it through thread-safe queues.
+forward pass) and runs the continuous batch (`scheduler`: admission, prefill, one decode step for
+every running sequence with peft's per-row `adapter_names`, a mixed-adapter batch), with the
+tokens drawn by `sampler` and routing scored by `scorer`. This module holds the model, its
+adapters and the forward pass; async callers talk to the thread through thread-safe queues.
 """
 
 from __future__ import annotations
@@ -14,20 +14,21 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from service.adapter_validation import module_names
 from service.base_model import BaseModelInfo, load_base_model
+from service.context_window import ensure_fits
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
-from service.engine.text_stream import TextStream
-from service.engine.vision import VisionInputs, VisionPrompt, decode_positions, mrope_positions
+from service.engine.output import OutputBuilder, end_of_sequence_ids
+from service.engine.sampler import row_generator
+from service.engine.scheduler import Row, Scheduler
+from service.engine.vision import ImageSizes, VisionInputs, VisionPrompt, mrope_positions
 from service.errors import (
     AdapterValidationError,
     BadRequestError,
@@ -40,31 +41,12 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-# below this temperature sampling is greedy (as in vLLM): 1/T overflows the logits long before T reaches 0
-SAMPLING_EPS = 1e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def peft_name(adapter: AdapterRef) -> str:
     """peft keys adapters by module-dict names, which may not contain dots."""
     return f"{adapter.name}__v{adapter.version}".replace(".", "_")
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    adapter: str  # peft adapter name or BASE
-    params: SamplingParams
-    emit: Callable[[TokenDelta], None]
-    stream: TextStream
-    generator: torch.Generator | None = None
-    position: int = 0
-    generated: int = 0
-    aborted: bool = False
-    eos: set[int] = field(default_factory=set)
-    vision: VisionPrompt | None = None  # images of a vision-language prompt, consumed by its prefill
-    rope_delta: int = 0
 
 
 class EmbeddedEngine(Engine):
@@ -79,20 +61,14 @@ class EmbeddedEngine(Engine):
         self._vision: VisionInputs | None = None  # set for vision-language base models
         self._adapters: dict[str, AdapterRef] = {}
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
-        self._waiting: queue.Queue[_Request] = queue.Queue()
-        self._held: _Request | None = None  # taken from _waiting, over the last step's prefill budget
-        self._requests: dict[str, _Request] = {}
+        self._commands_lock = threading.Lock()
+        self._requests: dict[str, Row] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._running: list[_Request] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
-        self._last_tokens: list[int] = []
-        self._eos: set[int] = set()
+        self._scheduler = Scheduler(settings, self._forward, 0, lambda name: name == BASE or name in self._adapters)
+        self._eos: frozenset[int] = frozenset()
         self._prefix_cache: dict[tuple[str, tuple[int, ...]], Any] = {}
-        self.batch_size = 0
-        self.steps = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -109,9 +85,8 @@ class EmbeddedEngine(Engine):
         self._model = model
         self._vision = VisionInputs.for_model(self.base.path, model)
         self._module_names = module_names(model)
-        gen_eos = model.generation_config.eos_token_id
-        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        self._eos = {int(e) for e in [*eos, self._tokenizer.eos_token_id] if e is not None}
+        self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
+        self._scheduler.pad_id = self._tokenizer.pad_token_id or 0
 
     async def shutdown(self) -> None:
         self._stop.set()
@@ -131,9 +106,13 @@ class EmbeddedEngine(Engine):
     def accepts_images(self) -> bool:
         return self._vision is not None
 
+    @property
+    def image_sizes(self) -> ImageSizes | None:
+        return self._vision.sizes if self._vision is not None else None
+
     def _prepare_images(self, ids: Sequence[int], images: Sequence[Any]) -> VisionPrompt:
         if self._vision is None:
-            raise BadRequestError("the base model does not accept images", param="messages")
+            raise BadRequestError("the base model does not accept images")
         return self._vision.prepare(ids, images, self._model.dtype)
 
     def _vision_kwargs(self, prompts: list[VisionPrompt | None], positions: torch.Tensor) -> dict[str, Any]:
@@ -149,9 +128,9 @@ class EmbeddedEngine(Engine):
 
     def stats(self) -> dict[str, Any]:
         return {
-            "waiting": self._waiting.qsize() + (self._held is not None),
-            "running": len(self._running),
-            "batch_size": self.batch_size,
+            "waiting": self._scheduler.pending(),
+            "running": len(self._scheduler.running),
+            "batch_size": self._scheduler.batch_size,
             "adapters_loaded": len(self._adapters),
         }
 
@@ -175,8 +154,7 @@ class EmbeddedEngine(Engine):
         except Exception as exc:  # peft raises many types for bad weights; none may take the server down
             log.warning("peft refused adapter %s: %s", adapter.key, exc)
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: peft refused its weights "
-                                         f"({type(exc).__name__}; the server log has the details)",
-                                         param="path") from exc
+                                         f"({type(exc).__name__}; the server log has the details)") from exc
         self._model.eval()
         self._adapters[name] = adapter
 
@@ -187,12 +165,7 @@ class EmbeddedEngine(Engine):
         name = peft_name(adapter)
         if name not in self._adapters:
             return
-        for req in self._running:
-            if req.adapter == name and not req.aborted:
-                req.aborted = True
-                req.emit(GenerationInterruptedError(f"adapter {adapter.key} was unloaded while generating; "
-                                                    "retry"))  # never a hang
-        self._retire_finished()
+        self._scheduler.interrupt(name, f"adapter {adapter.key} was unloaded while generating; retry")
         if len(self._adapters) == 1:
             # peft keeps at least one adapter; unwrap back to the bare model instead
             self._model = self._model.unload()
@@ -227,29 +200,24 @@ class EmbeddedEngine(Engine):
         if images:
             vision = await asyncio.to_thread(self._prepare_images, prompt_ids, images)
             prompt_ids = vision.ids
-            if len(prompt_ids) + params.max_tokens > self.settings.max_model_len:
-                raise BadRequestError(
-                    f"prompt has {len(prompt_ids)} tokens with its images and {params.max_tokens} new tokens were "
-                    f"asked for; the context length is {self.settings.max_model_len}", param="messages")
+        # the request path checked already (images counted by their size); this is the engine's own
+        # guarantee, on the ids it will run, that no sequence outgrows the context while decoding
+        ensure_fits(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % 2**63))
-        req = _Request(
+        req = Row(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
             adapter=self._adapter_name(adapter),
             params=params,
             emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
-            stream=TextStream(self._tokenizer, params.stop),
-            generator=generator,
+            output=OutputBuilder(self._tokenizer, self._eos, params),
+            generator=row_generator(params),
             vision=vision,
             rope_delta=vision.rope_delta if vision else 0,
         )
         self._requests[request_id] = req
-        self._waiting.put(req)
+        self._scheduler.waiting.put(req)
         self._wake.set()
         finished = False
         try:
@@ -364,7 +332,10 @@ class EmbeddedEngine(Engine):
         if self._thread is None:
             return await asyncio.to_thread(fn)
         future: Future = Future()
-        self._commands.put((fn, future))
+        with self._commands_lock:  # never queued after the thread's last drain: it would wait for ever
+            if self._stop.is_set():
+                raise ServiceUnavailableError("engine is shutting down")
+            self._commands.put((fn, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
 
@@ -383,30 +354,21 @@ class EmbeddedEngine(Engine):
             try:
                 with torch.inference_mode():
                     self._run_commands()
-                    self._retire_finished()
-                    admitted = self._admit()
-                    self._retire_finished()
-                    if self._running:
-                        self._decode_step()
-                    elif not admitted:
+                    if not self._scheduler.step():
                         self._wake.wait(timeout=0.5)
                         self._wake.clear()
             except Exception as exc:  # keep serving: fail the batch, not the process
                 log.exception("engine step failed")
-                for req in self._running:
-                    req.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
-                self._running, self._cache, self._mask, self._last_tokens = [], None, None, []
-        for req in [*self._running, *self._drain_waiting()]:
-            req.emit(GenerationInterruptedError("the engine stopped"))
-
-    def _drain_waiting(self) -> list[_Request]:
-        out = [self._held] if self._held is not None else []
-        self._held = None
-        while True:
-            try:
-                out.append(self._waiting.get_nowait())
-            except queue.Empty:
-                return out
+                self._scheduler.fail_running(exc)
+        self._scheduler.stop()
+        with self._commands_lock:  # what was queued but never run is told so, not left waiting
+            while True:
+                try:
+                    _, future = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(ServiceUnavailableError("engine is shutting down"))
 
     def _run_commands(self) -> None:
         while True:
@@ -421,152 +383,22 @@ class EmbeddedEngine(Engine):
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def _next_waiting(self) -> _Request | None:
-        if self._held is not None:
-            req, self._held = self._held, None
-            return req
-        try:
-            return self._waiting.get_nowait()
-        except queue.Empty:
-            return None
-
-    def _admit(self) -> bool:
-        """Move waiting requests into the batch, at most `max_prefill_tokens` prompt tokens per step:
-        one prefill of a whole burst would stall every running row (and the aborts of clients that
-        gave up) for seconds on a CPU; the rest join between the next decode steps."""
-        room = self.settings.max_batch_size - len(self._running)
-        budget = self.settings.max_prefill_tokens
-        new: list[_Request] = []
-        while room > 0:
-            req = self._next_waiting()
-            if req is None:
-                break
-            if req.aborted:
-                continue
-            if req.adapter != BASE and req.adapter not in self._adapters:
-                req.emit(GenerationInterruptedError("the request's adapter was unloaded before it started; retry"))
-                continue
-            if new and len(req.prompt_ids) > budget:
-                self._held = req
-                break
-            new.append(req)
-            budget -= len(req.prompt_ids)
-            room -= 1
-        if not new:
-            return False
-        try:
-            self._prefill(new)
-        except BaseException as exc:
-            # rows that never joined the batch would otherwise wait for a token forever
-            for req in new:
-                if req not in self._running:
-                    req.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
-            raise
-        return True
-
-    def _prefill(self, new: list[_Request]) -> None:
+    def _forward(self, rows: list[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """The scheduler's forward pass over `rows`, each with its own adapter: a prefill (cache None:
+        a fresh cache, the rows' images) or a decode step; the last position's logits and the cache."""
         from transformers import DynamicCache
 
-        length = max(len(r.prompt_ids) for r in new)
-        pad = self._tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([[pad] * (length - len(r.prompt_ids)) + r.prompt_ids for r in new])
-        mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._vision_kwargs([r.vision for r in new], positions),
-            **self._adapter_kwargs([r.adapter for r in new]),
-        )
-        tokens = self._sample(out.logits[:, -1, :], new)
-        for req in new:
-            req.position = len(req.prompt_ids)
-            req.vision = None  # pixels are in the KV cache now
-        if self._running:
-            self._cache, self._mask = kv_batch.merge(self._cache, self._mask, out.past_key_values, mask)
+        if cache is None:
+            cache = DynamicCache(config=self._model.config)
+            where = self._vision_kwargs([r.vision for r in rows], positions)
         else:
-            self._cache, self._mask = out.past_key_values, mask
-        self._running.extend(new)
-        self._last_tokens.extend(tokens)
-        self._accept(new, tokens)
+            where = {"position_ids": positions}
+        out = self._model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1, **where, **self._adapter_kwargs([r.adapter for r in rows]))
+        return out.logits[:, -1, :], out.past_key_values
 
-    def _decode_step(self) -> None:
-        input_ids = torch.tensor(self._last_tokens).unsqueeze(1)
-        self._mask = torch.cat([self._mask, torch.ones(len(self._running), 1, dtype=self._mask.dtype)], dim=1)
-        positions = decode_positions([r.position for r in self._running], [r.rope_delta for r in self._running])
-        self.batch_size = len(self._running)
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **self._adapter_kwargs([r.adapter for r in self._running]),
-        )
-        self._cache = out.past_key_values
-        tokens = self._sample(out.logits[:, -1, :], self._running)
-        for req in self._running:
-            req.position += 1
-        self._last_tokens = tokens
-        self.steps += 1
-        self._accept(self._running, tokens)
-
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens = []
-        for row, req in enumerate(reqs):
-            p = req.params
-            if p.temperature < SAMPLING_EPS:
-                tokens.append(int(greedy[row]))
-                continue
-            probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p
-                sorted_probs = sorted_probs * keep
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-            if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-                # one row's extreme settings must not fail the whole batch's step: greedy is its limit
-                tokens.append(int(greedy[row]))
-                continue
-            tokens.append(int(torch.multinomial(probs, 1, generator=req.generator)))
-        return tokens
-
-    def _accept(self, reqs: list[_Request], tokens: list[int]) -> None:
-        """Turn each new token into a delta; mark rows that finished."""
-        limit = self.settings.max_model_len
-        for req, token in zip(reqs, tokens, strict=True):
-            if req.aborted:
-                continue
-            req.generated += 1
-            finish = None
-            if token in self._eos:
-                text = req.stream.flush()
-                finish = "stop"
-            else:
-                text = req.stream.push(token)
-                if req.stream.stopped:
-                    finish = "stop"
-                elif req.generated >= req.params.max_tokens or req.position + 1 >= limit:
-                    text += req.stream.flush()
-                    finish = "length"
-            req.emit(TokenDelta(text, req.generated, finish, [token]))
-            if finish is not None:
-                req.aborted = True  # done: retired before the next step
-
-    def _retire_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._running) if not r.aborted]
-        if len(keep) == len(self._running):
-            return
-        if not keep:
-            self._running, self._cache, self._mask, self._last_tokens = [], None, None, []
-            return
-        self._cache, self._mask = kv_batch.select_rows(self._cache, self._mask, keep)
-        self._running = [self._running[i] for i in keep]
-        self._last_tokens = [self._last_tokens[i] for i in keep]
-
+    @property
+    def batch_size(self) -> int:
+        """Rows in the last decode step."""
+        return self._scheduler.batch_size

@@ -1,8 +1,11 @@
 """Incremental detokenization with stop strings, for engines that produce token ids.
 
-Text is released only when it can no longer change: an incomplete UTF-8 sequence (decoded as
-U+FFFD) or a suffix that could still grow into a stop string is held back. When a stop string
-appears, the text before it is final and the generation ends with finish_reason "stop".
+Each token is decoded once, by the tokenizer library's own incremental decoder (`tokenizers`'
+`DecodeStream`, the one vLLM's detokenizer uses), instead of re-decoding the whole output at every
+step: the cost per token stays flat however long the answer grows. The decoder itself holds back
+an incomplete UTF-8 sequence; here a suffix that could still grow into a stop string is held back
+too. Text is released only when it can no longer change; when a stop string appears, the text
+before it is final and the generation ends with finish_reason "stop".
 """
 
 from __future__ import annotations
@@ -10,37 +13,35 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 
 class TextStream:
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer behind a transformers fast tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=True)
         self.stop = [s for s in stop if s]
-        self.token_ids: list[int] = []
+        self.text = ""  # everything decoded so far
         self.emitted = 0  # characters of the final text already released
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly releasable text (possibly empty)."""
-        self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self.text += self.decoder.step(self.backend, token_id) or ""
+        text = self.text
         if self.stop:
             search_from = max(0, self.emitted - max(len(s) for s in self.stop))
             hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
                 return self._release(text[: min(hits)])
-        end = len(text)
-        if text.endswith("\ufffd"):
-            end = len(text.rstrip("\ufffd"))
-        end = min(end, len(text) - self._partial_stop_suffix(text))
-        return self._release(text[:end])
+        return self._release(text[: len(text) - self._partial_stop_suffix(text)])
 
     def flush(self) -> str:
         """The generation ended for another reason: release whatever is held back."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        return self._release(text)
+        return self._release(self.text)
 
     def _release(self, final: str) -> str:
         if len(final) <= self.emitted:

@@ -23,6 +23,8 @@ import torch
 from service.base_model import is_vision_language
 from service.errors import BadRequestError
 
+MAX_ASPECT_RATIO = 200  # Qwen-VL processors refuse longer sides than this times the shorter
+
 
 @dataclass
 class VisionPrompt:
@@ -40,6 +42,39 @@ class VisionPrompt:
         return replace(self, ids=[*self.ids, *tokens], mrope=torch.cat([self.mrope, tail], dim=1))
 
 
+class ImageSizes:
+    """What a Qwen-VL image processor does to an image's size, known before any pixel is processed:
+    the largest image it keeps as it is (`max_pixels`; bigger ones it shrinks) and how many tokens
+    an image of a given size expands to. Both engines use it (vLLM runs the same processor), so the
+    context-length check and the pixel cap see exactly the numbers the model will."""
+
+    def __init__(self, processor: Any):
+        self.patch = int(getattr(processor, "patch_size", 14))
+        self.merge = int(getattr(processor, "merge_size", 2))
+        size = getattr(processor, "size", None) or {}
+        self.min_pixels = int(size.get("shortest_edge") or getattr(processor, "min_pixels", 56 * 56))
+        self.max_pixels = int(size.get("longest_edge") or getattr(processor, "max_pixels", 28 * 28 * 1280))
+
+    @classmethod
+    def for_model(cls, model_path: Any) -> ImageSizes:
+        from transformers import AutoImageProcessor
+
+        return cls(AutoImageProcessor.from_pretrained(model_path))
+
+    def tokens(self, width: int, height: int) -> int:
+        """Tokens one image of `width` x `height` pixels takes in the prompt (its merged patches):
+        the processor's own resize rule (its Pillow module: no torchvision needed). An image it would
+        refuse (sides more than 200 times apart) is the client's error, refused here before any engine."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise BadRequestError(f"image is {width}x{height} pixels; its sides may differ at most "
+                                  f"{MAX_ASPECT_RATIO} times")
+        factor = self.patch * self.merge
+        h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return (h // self.patch) * (w // self.patch) // self.merge**2
+
+
 class VisionInputs:
     """Turns (prompt ids with one placeholder per image, PIL images) into model inputs."""
 
@@ -52,15 +87,16 @@ class VisionInputs:
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(model_path)
+        self.sizes = ImageSizes(self.processor)
         self.image_token_id = int(config.image_token_id)
-        self.merge = int(getattr(self.processor, "merge_size", 2))
+        self.merge = self.sizes.merge
         self._rope_index = rope_index  # the model's own MRoPE position function
 
     def prepare(self, ids: Sequence[int], images: Sequence[Any], dtype: torch.dtype) -> VisionPrompt:
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(images):
             raise BadRequestError(f"the prompt has {len(slots)} image placeholders for {len(images)} images "
-                                  "(does the base model's chat template render image parts?)", param="messages")
+                                  "(does the base model's chat template render image parts?)")
         batch = self.processor(images=list(images), return_tensors="pt")
         grid = batch["image_grid_thw"]
         counts = [int(g.prod()) // self.merge**2 for g in grid]

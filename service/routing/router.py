@@ -7,7 +7,7 @@ end-of-turn token, computed for all candidates together from one pass over the p
 names' prefix tree (`Engine.sequence_logprobs`). The same rule holds for every label set,
 so names that share tokens, names that are token prefixes of each other and long names change
 nothing about what a probability means. A softmax over the scores divided by the router's fitted
-temperature (`training.calibration`) gives a calibrated probability for each candidate, so the
+temperature (`training.train.calibration`) gives a calibrated probability for each candidate, so the
 answer is always a registered adapter, with a confidence that a threshold can send to a fallback.
 """
 
@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.context_window import ensure_fits, prompt_length
 from service.engine.base import AdapterRef, Engine
 from service.multimodal import chat_images
-from service.prompts import answer_tokens, router_messages
+from service.prompts import answer_tokens, prompt_ids, router_messages
+from service.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,23 @@ def softmax(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
 class Router:
     """Decisions on any engine: it needs only the tokenizer and the two scoring primitives."""
 
-    def __init__(self, engine: Engine, max_tokens: int = 256):
+    def __init__(self, engine: Engine, max_tokens: int = 256, max_prompt_tokens: int = 2048):
         self.engine = engine
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # of the last user turn's text (cut, `_bounded`)
+        self.max_prompt_tokens = max_prompt_tokens  # of the whole prompt, images expanded, and the answer (refused)
         self._answers: dict[str, list[int]] = {}
         self._prefix_len: int | None = None
+
+    @classmethod
+    def for_settings(cls, engine: Engine, settings: Settings) -> Router:
+        """The service's router: its budgets from the settings, never more than the context."""
+        return cls(engine, settings.router_max_tokens, min(settings.max_model_len, settings.router_max_prompt_tokens))
 
     def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[Any]]:
         """The router's prompt: its token ids, and the images its placeholders stand for."""
         routed = router_messages(messages)
         routed[-1]["content"] = self._bounded(routed[-1]["content"])
-        ids = self.engine.tokenizer.apply_chat_template(routed, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False)
-        return ids, chat_images(routed)
+        return prompt_ids(self.engine.tokenizer, routed), chat_images(routed)
 
     def _bounded(self, content: Any) -> Any:
         """The user's text cut to its first `max_tokens` tokens (each text part, with images). The
@@ -99,8 +105,12 @@ class Router:
 
     async def scores(self, router: AdapterRef, candidates: Sequence[str], prompt_ids: list[int],
                      images: Sequence[Any] = ()) -> list[float]:
-        """Log-probability of each candidate's whole answer (`answer_tokens`), before temperature."""
+        """Log-probability of each candidate's whole answer (`answer_tokens`), before temperature.
+        A prompt whose images would take it past `max_prompt_tokens` is refused before any forward
+        pass (`ContextLengthError`): text alone is cut to fit, an image cannot be."""
         answers = [self.answer_tokens(c) for c in candidates]
+        ensure_fits(prompt_length(len(prompt_ids), images, self.engine.image_sizes), max(map(len, answers)),
+                    self.max_prompt_tokens, what="the router's prompt", limit_name="the router's budget")
         return await self.engine.sequence_logprobs(prompt_ids, router, answers, images, self.prefix_len())
 
     async def decide(

@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from service.api.common import check_limits, sampling_params, stop_list
+from service.api.common import check_limits, route_info, sampling_params, stop_list
+from service.api.disconnect import until_done
 from service.api.generate.protocol import GenerateRequest
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import LoramuxError, error_from_exception
@@ -17,7 +18,6 @@ from service.inference import (
     Deadline,
     Outcome,
     RequestSlot,
-    cancel_on_disconnect,
     choose,
     generate_stream,
     new_request_id,
@@ -43,14 +43,13 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
 
     try:
         # images are decoded once admitted, and they, routing and generation share the deadline
-        messages = await deadline.run(cancel_on_disconnect(
-            request, load_chat_images(body.chat(), state.settings, state.engine.accepts_images)))
+        messages = await until_done(request, load_chat_images(body.chat(), state.settings, state.engine.image_sizes),
+                                    deadline)
         # routing is a forward pass too: a client that is gone must not keep the engine busy
-        choice = slot.choice = await deadline.run(cancel_on_disconnect(request, choose(state, messages,
-                                                                                       body.adapter)))
-        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param)
-        request_id = new_request_id("gen")
+        choice = slot.choice = await until_done(request, choose(state, messages, body.adapter), deadline)
         images = chat_images(messages)
+        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, param, images)
+        request_id = new_request_id("gen")
         outcome = Outcome()
         route_ms = choice.decision.latency_ms if choice.decision else 0.0
         label = choice.name or "base"
@@ -65,17 +64,17 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
                 "version": choice.version,
                 "finish_reason": outcome.finish_reason,
                 "usage": outcome.usage(),
-                "routing": choice.route_info(),
+                "routing": route_info(choice),
                 "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
             }
 
         if not body.stream:
             async def run() -> None:
                 async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
-                                               deadline):
+                                               deadline, param):
                     pass
 
-            await cancel_on_disconnect(request, run())
+            await until_done(request, run())
             response = JSONResponse(body_of(), headers=headers)
             state.metrics.requests.labels(ENDPOINT, label, "200").inc()
             return response
@@ -83,7 +82,7 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
         async def events() -> AsyncIterator[str]:
             try:
                 async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                                   images, deadline):
+                                                   images, deadline, param):
                     if delta.text:
                         yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
                 yield sse(body_of())

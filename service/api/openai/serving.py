@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from service.adapters import AUTO_MODEL
 from service.api.common import check_limits, sampling_params, stop_list
+from service.api.disconnect import until_done
 from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
 from service.api.streaming import DONE, EventStream, route_headers, sse
 from service.errors import BadRequestError, LoramuxError, error_from_exception
@@ -22,7 +24,6 @@ from service.inference import (
     Deadline,
     Outcome,
     RequestSlot,
-    cancel_on_disconnect,
     choose,
     generate_stream,
     new_request_id,
@@ -34,7 +35,6 @@ from service.state import ServiceState
 log = logging.getLogger(__name__)
 
 ENDPOINT = "chat_completions"
-AUTO = "auto"
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -67,12 +67,11 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
 
     try:
         # images are decoded once admitted, and they, routing and generation share the deadline
-        messages = await deadline.run(cancel_on_disconnect(request, load_chat_images(
-            [m.as_template_dict() for m in body.messages], state.settings, state.engine.accepts_images)))
+        messages = await until_done(request, load_chat_images(
+            [m.as_template_dict() for m in body.messages], state.settings, state.engine.image_sizes), deadline)
         images = chat_images(messages)
-        choice = slot.choice = await deadline.run(cancel_on_disconnect(request, _choice_for_model(
-            state, body.model, messages)))
-        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages")
+        choice = slot.choice = await until_done(request, _choice_for_model(state, body.model, messages), deadline)
+        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages", images)
         request_id = new_request_id("chatcmpl")
         created = int(time.time())
         model = choice.name or model_name(state)
@@ -86,7 +85,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                                                deadline):
                     pass
 
-            await cancel_on_disconnect(request, run())
+            await until_done(request, run())
             response = JSONResponse(
                 {
                     "id": request_id,
@@ -150,7 +149,7 @@ def model_name(state: ServiceState) -> str:
 
 
 async def _choice_for_model(state: ServiceState, model: str, messages: list[dict]) -> Choice:
-    if model == AUTO:
+    if model == AUTO_MODEL:
         return await choose(state, messages, None, "model")
     if model == model_name(state):
         return Choice(None)
@@ -158,18 +157,7 @@ async def _choice_for_model(state: ServiceState, model: str, messages: list[dict
 
 
 def list_models(state: ServiceState) -> dict:
-    """Names only: `root` is the served name (the base model's, or the adapter's), never a folder
-    on this machine (vLLM puts the LoRA's path there; a client has no use for the server's paths)."""
-    base = model_name(state)
-    created = state.created
-    cards = [
-        ModelCard(id=base, created=created, root=base, parent=None, max_model_len=state.settings.max_model_len),
-    ]
-    router = state.adapters.resolve_router()
-    if router is not None:
-        cards.append(ModelCard(id=AUTO, created=created, root=router.version.name, parent=base))
-    # the version serving each name (candidates and retiring versions are not served by name)
-    for resolved in sorted(state.adapters.served(), key=lambda r: (r.version.kind, r.version.name)):
-        version = resolved.version
-        cards.append(ModelCard(id=version.name, created=created, root=version.name, parent=base))
+    """The adapter manager's served models as OpenAI model cards."""
+    cards = [ModelCard(id=m.id, created=state.created, root=m.root, parent=m.parent, max_model_len=m.max_model_len)
+             for m in state.adapters.models(model_name(state))]
     return ModelList(data=cards).model_dump()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from service.api.common import check_limits
+from service.api.common import check_limits, route_info
+from service.api.disconnect import until_done
 from service.api.generate.protocol import PromptOrMessages
-from service.inference import Deadline, cancel_on_disconnect, route
+from service.inference import Deadline, route
 from service.multimodal import load_chat_images
 from service.state import ServiceState
 
@@ -17,13 +18,13 @@ async def serve_route(state: ServiceState, body: PromptOrMessages, request: Requ
     ticket = state.ticket()
     try:
         # images decoded once admitted; they and the decision share the request's deadline
-        messages = await deadline.run(cancel_on_disconnect(
-            request, load_chat_images(body.chat(), state.settings, state.engine.accepts_images)))
-        choice = await deadline.run(cancel_on_disconnect(request, route(state, messages)))
+        messages = await until_done(request, load_chat_images(body.chat(), state.settings, state.engine.image_sizes),
+                                    deadline)
+        choice = await until_done(request, route(state, messages), deadline)
         choice.release()  # the decision alone: nothing is generated with the adapter
     finally:
         ticket.release()
-    info = choice.route_info()
+    info = route_info(choice)
     assert info is not None
     state.metrics.requests.labels("route", choice.name or "base", "200").inc()
     return info

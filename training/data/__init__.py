@@ -1,0 +1,1 @@
+"""Datasets: chat records on disk, the demo experts' public sources, routing datasets, splits and cards."""
