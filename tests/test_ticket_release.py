@@ -191,7 +191,7 @@ def boom(*_: Any, **__: Any) -> Any:
 FAULTS = {
     "headers": lambda mp: [mp.setattr(m, "route_headers", boom) for m in (generate_serving, openai_serving)],
     "response object": lambda mp: [mp.setattr(m, cls, boom) for m in (generate_serving, openai_serving)
-                                   for cls in ("EventStream", "JSONResponse")],
+                                   for cls in ("stream_response", "JSONResponse")],
     "prompt": lambda mp: [mp.setattr(m, "prompt_ids", boom) for m in (generate_serving, openai_serving)],
     "request id": lambda mp: [mp.setattr(m, "new_request_id", boom) for m in (generate_serving, openai_serving)],
 }

@@ -12,17 +12,23 @@ still holding events `stream_drain_timeout_s` after the generation ended has its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.common import route_info
+from service.errors import LoramuxError, error_from_exception
 from service.inference import Choice
+
+if TYPE_CHECKING:
+    from service.inference import RequestSlot
+    from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,28 @@ class EventStream(StreamingResponse):
             log.error("stream producer failed", exc_info=produced)
         if isinstance(sent, Exception):
             raise sent
+
+
+def stream_response(state: ServiceState, endpoint: str, label: str, events: AsyncGenerator[str, None],
+                    slot: RequestSlot, headers: dict[str, str]) -> EventStream:
+    """The one way a generation becomes an SSE response, for every streaming endpoint: `events`
+    (the endpoint's own chunks) run under the request's slot, a success is counted, and an error
+    after the status line (long sent) becomes one error event in the one error body; either way the
+    stream ends with `[DONE]`, so a client waiting for it is never left hanging."""
+    async def guarded() -> AsyncIterator[str]:
+        async with contextlib.aclosing(events):  # a stream closed early aborts its generation at once
+            try:
+                async for event in events:
+                    yield event
+                state.metrics.requests.labels(endpoint, label, "200").inc()
+            except LoramuxError as exc:
+                state.metrics.errors.labels(endpoint, exc.error_type).inc()
+                log.warning("stream ended by %d %s", exc.status_code, exc.message)
+                yield sse(error_from_exception(exc))
+        yield DONE
+
+    return EventStream(guarded(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
+                       headers=headers)
 
 
 def header_value(text: str) -> str:

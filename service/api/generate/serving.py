@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -12,8 +11,7 @@ from starlette.responses import JSONResponse
 from service.api.common import check_limits, route_info, sampling_params, stop_list
 from service.api.disconnect import until_done
 from service.api.generate.protocol import GenerateRequest
-from service.api.streaming import DONE, EventStream, route_headers, sse
-from service.errors import LoramuxError, error_from_exception
+from service.api.streaming import route_headers, sse, stream_response
 from service.inference import (
     Deadline,
     Outcome,
@@ -25,8 +23,6 @@ from service.inference import (
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
-
-log = logging.getLogger(__name__)
 
 ENDPOINT = "generate"
 
@@ -79,25 +75,14 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
             state.metrics.requests.labels(ENDPOINT, label, "200").inc()
             return response
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                                   images, deadline, param):
-                    if delta.text:
-                        yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
-                yield sse(body_of())
-                yield DONE
-                state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-            except LoramuxError as exc:
-                # the status line went out long ago: the error is an event, and the stream still ends
-                # with [DONE] so a client waiting for it is not left hanging
-                state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
-                log.warning("stream ended by %d %s", exc.status_code, exc.message)
-                yield sse(error_from_exception(exc))
-                yield DONE
+        async def events() -> AsyncGenerator[str, None]:
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
+                                               images, deadline, param):
+                if delta.text:
+                    yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
+            yield sse(body_of())
 
-        stream = EventStream(events(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
-                             headers=headers)
+        stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
         handed_over = True
         return stream
     finally:

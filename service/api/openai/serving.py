@@ -6,9 +6,8 @@ model's name uses no adapter. The response's `model` names what actually answere
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -17,8 +16,8 @@ from service.adapters import AUTO_MODEL
 from service.api.common import check_limits, sampling_params, stop_list
 from service.api.disconnect import until_done
 from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
-from service.api.streaming import DONE, EventStream, route_headers, sse
-from service.errors import BadRequestError, LoramuxError, error_from_exception
+from service.api.streaming import route_headers, sse, stream_response
+from service.errors import BadRequestError
 from service.inference import (
     Choice,
     Deadline,
@@ -31,8 +30,6 @@ from service.inference import (
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
-
-log = logging.getLogger(__name__)
 
 ENDPOINT = "chat_completions"
 
@@ -117,26 +114,17 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                 payload["usage"] = usage
             return sse(payload)
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                yield chunk({"role": "assistant", "content": ""}, None)
-                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                                   images, deadline):
-                    if delta.text:
-                        yield chunk({"content": delta.text}, None)
-                yield chunk({}, outcome.finish_reason)
-                if include_usage:
-                    yield chunk({}, None, outcome.usage(), choices=False)
-                yield DONE
-                state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-            except LoramuxError as exc:
-                state.metrics.errors.labels(ENDPOINT, exc.error_type).inc()
-                log.warning("stream ended by %d %s", exc.status_code, exc.message)
-                yield sse(error_from_exception(exc))
-                yield DONE
+        async def events() -> AsyncGenerator[str, None]:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
+                                               images, deadline):
+                if delta.text:
+                    yield chunk({"content": delta.text}, None)
+            yield chunk({}, outcome.finish_reason)
+            if include_usage:
+                yield chunk({}, None, outcome.usage(), choices=False)
 
-        stream = EventStream(events(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
-                             headers=headers)
+        stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
         handed_over = True
         return stream
     finally:
