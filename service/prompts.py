@@ -45,7 +45,7 @@ def answer_tokens(tokenizer: Any, text: str) -> list[int]:
     return [*tokenizer.encode(text, add_special_tokens=False), end_of_turn_id(tokenizer)]
 
 
-def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+def with_system_prompt(messages: Sequence[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
     """An expert trained with a system prompt gets it when the caller sends none."""
     if system_prompt and not any(m.get("role") == "system" for m in messages):
         return [{"role": "system", "content": system_prompt}, *messages]
@@ -57,7 +57,7 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt
     opened, image parts left as the template's one placeholder each (engines expand them).
     `system_prompt`: the expert's own, used when the chat has none. A template that refuses the
     chat raises jinja2's `TemplateError` (the request path makes it a 400)."""
-    ids = tokenizer.apply_chat_template(with_system_prompt(list(messages), system_prompt), add_generation_prompt=True,
+    ids = tokenizer.apply_chat_template(with_system_prompt(messages, system_prompt), add_generation_prompt=True,
                                         tokenize=True, return_dict=False)
     return list(ids)
 

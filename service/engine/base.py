@@ -119,8 +119,9 @@ class Engine(abc.ABC):
         """Whether the base model is a vision-language model. Image requests to an engine that says
         no are refused (400) before they reach it. Images reach the engine as decoded PIL images,
         and the prompt carries one image placeholder token per image (the chat template's
-        `<|image_pad|>`); the engine expands it to the image's patch count itself."""
-        return False
+        `<|image_pad|>`); the engine expands it to the image's patch count itself. Derived: an
+        engine that accepts images is one that knows how its processor sizes them."""
+        return self.image_sizes is not None
 
     @property
     def image_sizes(self) -> ImageSizes | None:

@@ -103,10 +103,6 @@ class EmbeddedEngine(Engine):
         return self._module_names
 
     @property
-    def accepts_images(self) -> bool:
-        return self._vision is not None
-
-    @property
     def image_sizes(self) -> ImageSizes | None:
         return self._vision.sizes if self._vision is not None else None
 

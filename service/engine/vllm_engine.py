@@ -192,10 +192,6 @@ class VLLMEngine(Engine):
         return self._module_names
 
     @property
-    def accepts_images(self) -> bool:
-        return self._vision
-
-    @property
     def image_sizes(self) -> ImageSizes | None:
         return self._image_sizes
 
