@@ -26,8 +26,10 @@ per-row `adapter_names`, vLLM's punica kernels). So, besides the checks above:
   layers carry LoRA, which the weights then show, and both engines load by weight name.
 - Weights: every tensor must be a LoRA matrix named `<module>.lora_A.weight` or `.lora_B.weight`,
   2-D, non-empty, floating point, A and B in pairs with inner dimension `r`, on a module
-  `target_modules` names. Anything else (DoRA magnitudes, embedding LoRA, biases, saved modules,
-  0-d or 3-d tensors) is refused.
+  `target_modules` names, and as wide as that module of the base model (A `[r, in_features]`, B
+  `[out_features, r]`: read from the safetensors header, so a wrong width is a 422 here and never
+  costs the engine a failed load). Anything else (DoRA magnitudes, embedding LoRA, biases, saved
+  modules, 0-d or 3-d tensors) is refused.
 
 A regex `target_modules` must not be able to hang validation, nor peft, which full-matches it
 against every module name when it loads the adapter (Python's `re` backtracks and holds the GIL, so
@@ -46,8 +48,10 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from service.base_model import BaseModelInfo, model_class, sha256_file
@@ -87,6 +91,18 @@ UNSUPPORTED_FEATURES = {
 }
 BOOL_FIELDS = ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora", "lora_bias", "use_qalora")
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight")
+
+
+@dataclass(frozen=True)
+class BaseModules:
+    """The base model as an adapter is checked against it: every name a `target_modules` entry may
+    match (each module's full name and its last part), and each linear layer's (in_features,
+    out_features) by full name, so a LoRA matrix of the wrong width is refused before any engine
+    sees it (a failed load costs the engine's thread a pass over every module, between two steps
+    of everyone's generation)."""
+
+    names: frozenset[str]
+    shapes: Mapping[str, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -135,11 +151,11 @@ def validate_adapter(
     adapter_root: Path,
     base: BaseModelInfo,
     max_rank: int,
-    module_names: set[str] | None = None,
+    modules: BaseModules | None = None,
 ) -> AdapterInfo:
     """Validate the adapter at `path`; every failure, expected or not, is an AdapterValidationError."""
     try:
-        return _validate(path, adapter_root, base, max_rank, module_names)
+        return _validate(path, adapter_root, base, max_rank, modules)
     except AdapterValidationError:
         raise
     except OSError as exc:
@@ -156,7 +172,7 @@ def _validate(
     adapter_root: Path,
     base: BaseModelInfo,
     max_rank: int,
-    module_names: set[str] | None,
+    modules: BaseModules | None,
 ) -> AdapterInfo:
     folder = resolve_inside_root(path, adapter_root)
     if folder.is_file():
@@ -188,12 +204,12 @@ def _validate(
             param="path",
         )
     if isinstance(targets, str):
-        check_target_regex(targets, module_names)
-    elif module_names is not None:
-        missing = [t for t in targets if t not in module_names]
+        check_target_regex(targets, None if modules is None else modules.names)
+    elif modules is not None:
+        missing = [t for t in targets if t not in modules.names]
         if missing:
             raise AdapterValidationError(f"target modules {missing} do not exist in the base model", param="path")
-    _check_weights(weights, rank, targets)
+    _check_weights(weights, rank, targets, None if modules is None else modules.shapes)
     metadata = _read_metadata(folder)
     return AdapterInfo(
         path=folder,
@@ -276,7 +292,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # ---- regex target_modules ----------------------------------------------------------------------
-def check_target_regex(pattern: str, names: set[str] | None) -> None:
+def check_target_regex(pattern: str, names: frozenset[str] | None) -> None:
     """Refuse a `target_modules` regex that is invalid, could backtrack without bound, is slower
     than the budget on the base model's module names, or matches none of them."""
     if len(pattern) > MAX_TARGET_REGEX:
@@ -352,25 +368,30 @@ def _timed_match_count(pattern: str, names: list[str], budget_s: float = REGEX_B
     return int(done.stdout.strip() or 0)
 
 
-def module_names(model: object) -> set[str]:
-    """Names a PEFT `target_modules` entry can match: every module's full name and its last part."""
+def modules_of(model: Any) -> BaseModules:
+    """A loaded (or meta-device) model's `BaseModules`, read before any adapter wraps it."""
+    import torch
+
     names: set[str] = set()
-    for full, _ in model.named_modules():  # type: ignore[attr-defined]
+    shapes: dict[str, tuple[int, int]] = {}
+    for full, module in model.named_modules():
         if full:
             names.add(full)
             names.add(full.rsplit(".", 1)[-1])
-    return names
+            if isinstance(module, torch.nn.Linear):
+                shapes[full] = (module.in_features, module.out_features)
+    return BaseModules(frozenset(names), MappingProxyType(shapes))
 
 
-def base_module_names(base: BaseModelInfo) -> set[str]:
-    """The base model's module names without loading its weights (built on the meta device)."""
+def base_modules(base: BaseModelInfo) -> BaseModules:
+    """The base model's `BaseModules` without loading its weights (built on the meta device)."""
     import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base.path)
     with torch.device("meta"):
         model = model_class(config).from_config(config)
-    return module_names(model)
+    return modules_of(model)
 
 
 def _read_json(file: Path) -> Any:
@@ -423,7 +444,8 @@ def _targeted(module: str, targets: list[str] | str) -> bool:
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _check_weights(weights: Path, rank: int, targets: list[str] | str) -> None:
+def _check_weights(weights: Path, rank: int, targets: list[str] | str,
+                   shapes: Mapping[str, tuple[int, int]] | None) -> None:
     from safetensors import safe_open
 
     try:
@@ -466,6 +488,14 @@ def _check_weights(weights: Path, rank: int, targets: list[str] | str) -> None:
         short = module.removeprefix("base_model.model.")
         if not _targeted(short, targets):
             raise AdapterValidationError(f"{key} is on a module target_modules does not name", param="path")
+        width = None if shapes is None else shapes.get(short)
+        if width is not None:  # a module the base does not have by that name is left to the loader
+            outer, side = (shape[1], "inputs") if which == "A" else (shape[0], "outputs")
+            expected = width[0] if which == "A" else width[1]
+            if outer != expected:
+                raise AdapterValidationError(
+                    f"{key} has shape {list(shape)}; the base model's {short} has {expected} {side}", param="path"
+                )
         pairs.setdefault(module, set()).add(which)
     unpaired = sorted(m for m, sides in pairs.items() if sides != {"A", "B"})
     if unpaired:

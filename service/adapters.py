@@ -13,13 +13,16 @@ chosen, pinned or routed, until its generation ends, so a rollback in between ne
 One bad adapter never breaks the others: any exception while validating or loading a version (not
 only the service's own errors) marks that version failed with its reason, logged and answered with
 a 4xx, and start-up and the watcher carry on with the rest. A failed version is retried on the
-next change of the registry file.
+next change of the registry file once its own record or its files have changed since it failed
+(the operator repaired it): a failure costs one attempt, not one per registry write, so a burst of
+registrations beside a broken entry never loads it again and again between everyone's steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -87,6 +90,7 @@ class AdapterManager:
         self.snapshot = RegistrySnapshot({})
         self.loaded: dict[str, ResolvedAdapter] = {}  # uid (name@version) -> resident adapter
         self.failed: dict[str, str] = {}  # uid -> reason
+        self._failed_as: dict[str, str] = {}  # uid -> its record and files when it failed (`_attempt_state`)
         self.serving: dict[str, str] = {}  # name -> uid answering for it (the active version, or its predecessor)
         self._inflight: Counter[str] = Counter()
         self._retiring: set[str] = set()
@@ -230,8 +234,9 @@ class AdapterManager:
             self.registry_error = None
             wanted = {v.uid: v for v in self.wanted_versions(snapshot)}
             for uid in list(self.failed):
-                if uid in wanted and uid not in self.loaded:
-                    del self.failed[uid]  # the registry changed: try it again
+                if (uid in wanted and uid not in self.loaded
+                        and self._failed_as.get(uid) != self._attempt_state(wanted[uid])):
+                    del self.failed[uid]  # repaired since it failed: try it again
             for uid, version in wanted.items():
                 if uid not in self.failed:  # a failed version still in use stays due for unloading
                     self._retiring.discard(uid)
@@ -261,6 +266,7 @@ class AdapterManager:
             for uid in list(self.failed):
                 if uid not in wanted:
                     del self.failed[uid]
+                    self._failed_as.pop(uid, None)
             self._signature = signature  # seen only once it has been acted on
 
     async def _load(self, version: AdapterVersion) -> None:
@@ -279,7 +285,7 @@ class AdapterManager:
                     self.settings.adapter_root,
                     self.base,
                     self.settings.max_lora_rank,
-                    self.engine.module_names,
+                    self.engine.modules,
                 )
                 if version.sha256 and info.sha256 != version.sha256:
                     raise AdapterValidationError(
@@ -289,16 +295,34 @@ class AdapterManager:
                 await self.engine.add_adapter(ref)
             except LoramuxError as exc:
                 log.warning("adapter %s refused: %s", version.uid, exc.message)
-                self.failed[version.uid] = exc.message
+                self._fail(version, exc.message)
                 return
             except Exception as exc:  # one bad version must never stop start-up or the watcher
                 log.exception("adapter %s failed to load", version.uid)
-                self.failed[version.uid] = f"could not be loaded ({type(exc).__name__}); see the server log"
+                self._fail(version, f"could not be loaded ({type(exc).__name__}); see the server log")
                 return
             self._retiring.discard(version.uid)
             prompt = info.metadata.get("system_prompt")
             self.loaded[version.uid] = ResolvedAdapter(version, ref, prompt if isinstance(prompt, str) else None)
             log.info("adapter %s loaded from %s", version.uid, info.path)
+
+    def _fail(self, version: AdapterVersion, reason: str) -> None:
+        self.failed[version.uid] = reason
+        self._failed_as[version.uid] = self._attempt_state(version)
+
+    def _attempt_state(self, version: AdapterVersion) -> str:
+        """What a retry would see differently: the version's registry record and the size and
+        modification time of its config and weights (in the folder or its `final/`)."""
+        folder = self.settings.adapter_root / version.path
+        files = []
+        for file in (folder, folder / "final"):
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                try:
+                    stat = (file / name).stat()
+                    files.append((str(file / name), stat.st_size, stat.st_mtime_ns))
+                except OSError:
+                    continue
+        return json.dumps([version.to_json(), files], sort_keys=True, default=str)
 
     async def _unload(self, uid: str) -> None:
         resolved = self.loaded.pop(uid, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.adapter_validation import base_module_names, validate_adapter
+from service.adapter_validation import BaseModules, base_modules, validate_adapter
 from service.base_model import BaseModelInfo
 from service.errors import AdapterValidationError
 from service.names import check_name
@@ -28,12 +28,12 @@ def register_adapter(
     description: str = "",
     labels: tuple[str, ...] | None = None,
     activate: bool = True,
-    module_names: set[str] | None = None,
+    modules: BaseModules | None = None,
     dataset: dict | None = None,
 ) -> AdapterVersion:
     check_name(name, "name")
     info = validate_adapter(
-        path, settings.adapter_root, base, settings.max_lora_rank, module_names or base_module_names(base)
+        path, settings.adapter_root, base, settings.max_lora_rank, modules or base_modules(base)
     )
     meta = info.metadata
     if kind == "router":

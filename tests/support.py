@@ -3,7 +3,9 @@ benchmarks, in `loadtests.harness`), and the engines a test module runs on one e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from loadtests.harness import (
@@ -16,7 +18,29 @@ from loadtests.harness import (
 )
 
 __all__ = ["PROJECT_ROOT", "EngineLoop", "ServerProcess", "fix_base_model_name", "free_port", "make_lora_adapter",
-           "save_random_lora"]
+           "make_norm_lora", "make_wrong_shape", "save_random_lora"]
+
+
+def make_norm_lora(folder: Path) -> None:
+    """A LoRA on a norm layer: every file check passes (the module exists, the matrices pair up), but
+    peft has no LoRA for that kind of layer, so it is the engine that refuses it."""
+    import torch
+    from safetensors.torch import save_file
+
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "target_modules": ["input_layernorm"]}))
+    module = "base_model.model.model.layers.0.input_layernorm"
+    save_file({f"{module}.lora_A.weight": torch.zeros(8, 576), f"{module}.lora_B.weight": torch.zeros(576, 8)},
+              str(folder / "adapter_model.safetensors"))
+
+
+def make_wrong_shape(folder: Path) -> None:
+    """Right rank, right keys, lora_A 100 inputs wide: a matrix no module of the base model takes."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: (v[:, :100].contiguous() if "lora_A" in k else v) for k, v in tensors.items()}, str(weights))
 
 
 class EngineLoop:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from service import adapter_validation
-from service.adapter_validation import base_module_names, validate_adapter
+from service.adapter_validation import base_modules, validate_adapter
 from service.errors import AdapterValidationError
 from service.names import check_name, is_valid_name
 from service.registration import register_adapter
@@ -26,7 +26,7 @@ from tests.support import PROJECT_ROOT
 
 @pytest.fixture(scope="module")
 def modules(base_model):
-    return base_module_names(base_model)
+    return base_modules(base_model)
 
 
 @pytest.fixture()
@@ -181,12 +181,13 @@ def test_config_that_is_huge_or_too_deep_is_refused(root, base_model, modules):
 VALIDATE_IN_CHILD = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from service.adapter_validation import validate_adapter
+    from service.adapter_validation import BaseModules, validate_adapter
     from service.base_model import BaseModelInfo
     from service.errors import AdapterValidationError
     base = BaseModelInfo(**json.loads(sys.argv[2]))
     try:
-        validate_adapter("good", Path(sys.argv[1]), base, 64, set(json.loads(Path(sys.argv[3]).read_text())))
+        names = frozenset(json.loads(Path(sys.argv[3]).read_text()))
+        validate_adapter("good", Path(sys.argv[1]), base, 64, BaseModules(names, {}))
         print("ACCEPTED")
     except AdapterValidationError as exc:
         print("REFUSED", exc.message)
@@ -210,7 +211,7 @@ def test_a_regex_target_cannot_hang_validation(root, base_model, modules, tmp_pa
     rather than a frozen test run (a regex holds the GIL: no thread could interrupt it)."""
     edit(root / "good", target_modules=pattern)
     names = tmp_path / "modules.json"
-    names.write_text(json.dumps(sorted(modules)))
+    names.write_text(json.dumps(sorted(modules.names)))
     base = json.dumps({"name": base_model.name, "path": str(base_model.path), "sha256": base_model.sha256})
     started = time.monotonic()
     try:
@@ -249,18 +250,18 @@ def test_registration_and_dataset_build_use_the_rule(root, base_model, modules, 
 
     settings = Settings(registry=tmp_path / "loras.json", adapter_root=root, cache_dir=CACHE_DIR)
     with pytest.raises(AdapterValidationError, match="must be letters") as info:
-        register_adapter(settings, base_model, "task", name, "good", module_names=modules)
+        register_adapter(settings, base_model, "task", name, "good", modules=modules)
     assert info.value.param == "name" and not settings.registry.exists()
     with pytest.raises(DatasetError, match="must be letters"):
         check_adapter_name(name)
     with pytest.raises(DatasetError, match="must be letters"):
         parse_source_args([f"{name}=x.jsonl"])
-    register_adapter(settings, base_model, "task", "fine-name_1", "good", module_names=modules)
+    register_adapter(settings, base_model, "task", "fine-name_1", "good", modules=modules)
 
 
 def test_a_router_label_follows_the_rule_too(root, base_model, modules, tmp_path):
     settings = Settings(registry=tmp_path / "loras.json", adapter_root=root, cache_dir=CACHE_DIR)
     with pytest.raises(AdapterValidationError, match="must be letters") as info:
         register_adapter(settings, base_model, "router", "router", "good", labels=("alpha", "ünï"),
-                         module_names=modules)
+                         modules=modules)
     assert info.value.param == "labels"

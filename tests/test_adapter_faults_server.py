@@ -27,7 +27,7 @@ from service.registration import register_adapter
 from service.settings import Settings
 from tests.conftest import CACHE_DIR, TASK_ADAPTERS
 from tests.live_server import crashes, metric, private_copy, start_server
-from tests.support import ServerProcess
+from tests.support import ServerProcess, make_norm_lora
 
 USER = "faults-user-key-0123"
 ADMIN = "faults-admin-key-4567"
@@ -93,14 +93,14 @@ BROKEN_AT_START = {  # name -> (folder maker, reason in the 422)
 def faults_root(served_registry, adapter_root, base_model, tmp_path_factory) -> tuple[Path, Path]:
     root, registry = private_copy(served_registry, adapter_root, tmp_path_factory.mktemp("faults_root"))
     settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
-    from service.adapter_validation import base_module_names
+    from service.adapter_validation import base_modules
 
-    modules = base_module_names(base_model)
+    modules = base_modules(base_model)
     for name in TASK_ADAPTERS:  # a second version of each expert, active: rollbacks have somewhere to go
         register_adapter(settings, base_model, "task", name, copy_of(root, f"{name}_v2", name),
-                         module_names=modules)
+                         modules=modules)
     register_adapter(settings, base_model, "router", "router", copy_of(root, "router_v2", "router"),
-                     labels=TASK_ADAPTERS, activate=False, module_names=modules)  # a candidate: shadow routing
+                     labels=TASK_ADAPTERS, activate=False, modules=modules)  # a candidate: shadow routing
     data = json.loads(registry.read_text())
     for name, (make, _) in BROKEN_AT_START.items():
         make(root)
@@ -232,6 +232,20 @@ def test_the_watcher_carries_on_past_a_bad_entry_and_retries_it_on_the_next_chan
     assert r.status_code == 422 and "has shape []" in r.json()["error"]["message"], r.text
     assert "has shape []" in admin_view(server)["zerod2"]["versions"][0]["error"]
 
+    def attempts() -> int:
+        assert server.log_path is not None
+        return server.log_path.read_text().count("adapter zerod2@1 refused")
+
+    assert attempts() == 1
+    for touch in range(5):  # other writes to the registry: the broken entry, unchanged, is not tried again
+        data = json.loads(registry.read_text())
+        data["adapters"]["delta"]["versions"][0]["description"] = f"touch {touch}"
+        write_registry(registry, data)
+        expected = f"touch {touch}"
+        assert wait_for(lambda e=expected: admin_view(server)["delta"]["versions"][0]["description"] == e)
+    time.sleep(2.5)  # two more polls
+    assert attempts() == 1
+
     shutil.copy(root / "alpha" / "adapter_model.safetensors", root / "zerod2")  # the operator repairs it...
     assert generate(server, "zerod2").status_code == 422  # (nothing re-reads it until the registry changes)
     data = json.loads(registry.read_text())
@@ -282,8 +296,8 @@ def test_a_version_that_fails_to_load_leaves_its_predecessor_serving(server, fau
     keeps answering with the version it had, and the failure is visible in /admin/adapters."""
     root, registry = faults_root
     previous = generate(server, "beta").json()["version"]
-    folder = edit_weights(copy_of(root, "beta_wrong_shape", "beta"),
-                          lambda t: t.update({k: v[:, :100].contiguous() for k, v in t.items() if "lora_A" in k}))
+    folder = copy_of(root, "beta_norm_lora", "beta")
+    make_norm_lora(folder)
     settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
     new = register_adapter(settings, base_model, "task", "beta", folder)
     assert wait_for(lambda: (admin_view(server)["beta"]["versions"][-1]["error"] or "") != "")

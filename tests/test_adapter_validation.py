@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from service.adapter_validation import base_module_names, validate_adapter
+from service.adapter_validation import base_modules, validate_adapter
 from service.errors import AdapterValidationError
 
 
 @pytest.fixture(scope="module")
 def modules(base_model):
-    return base_module_names(base_model)
+    return base_modules(base_model)
 
 
 @pytest.fixture()
@@ -50,6 +51,33 @@ def test_good_adapter_passes_and_final_is_detected(root, base_model, modules):
 def test_broken_adapters_are_refused(root, base_model, modules, mutate, reason):
     mutate(root / "good")
     with pytest.raises(AdapterValidationError, match=reason):
+        check(root, "good", base_model, modules)
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def _cut(folder: Path, which: str, rows: slice, cols: slice) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    save_file({k: (v[rows, cols].contiguous() if f"lora_{which}" in k else v) for k, v in tensors.items()}, str(file))
+
+
+@pytest.mark.parametrize(
+    ("which", "rows", "cols", "reason"),
+    [
+        ("A", slice(None), slice(0, 100), f"has shape [8, 100]; the base model's {Q_PROJ} has 576 inputs"),
+        ("B", slice(0, 64), slice(None), f"has shape [64, 8]; the base model's {Q_PROJ} has 576 outputs"),
+    ],
+)
+def test_a_matrix_the_base_model_cannot_take_is_refused_before_loading(root, base_model, modules, which, rows, cols,
+                                                                       reason):
+    """Widths are read from the safetensors header against the base model's layers: a wrong one is a
+    422 naming the layer, never a failed load inside the engine."""
+    _cut(root / "good", which, rows, cols)
+    with pytest.raises(AdapterValidationError, match=re.escape(reason)):
         check(root, "good", base_model, modules)
 
 

@@ -288,3 +288,38 @@ def test_requests_joining_mid_decode_equal_plain_peft(engine_and_refs, base_mode
                 out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
         assert tokens[key] == out[0, len(ids[key]):].tolist(), key
     assert len(tokens["a"]) == max_tokens  # A outlived both joins (no early end of sequence)
+
+
+def test_an_adapter_peft_refuses_leaves_no_trace(base_model, task_adapters, tmp_path):
+    """peft injects an adapter's layers before it copies the weights; when the copy fails the engine
+    takes them out again. On the bare model (the first adapter of an engine) they would otherwise stay
+    active in the base model's own answers; next to other adapters they leave those answers alone."""
+    import shutil
+
+    from service.errors import AdapterValidationError
+    from tests.support import make_wrong_shape
+
+    shutil.copytree(task_adapters["alpha"], tmp_path / "wrong")
+    make_wrong_shape(tmp_path / "wrong")  # engines are given validated adapters; this one skips validation
+    wrong = [AdapterRef("wrong", version, tmp_path / "wrong") for version in (1, 2)]
+    alpha = AdapterRef("alpha", 1, task_adapters["alpha"])
+    engine = EmbeddedEngine(Settings(cache_dir=tmp_path / "cache"), base_model)
+    loop = asyncio.new_event_loop()
+    params = SamplingParams(max_tokens=12)
+    try:
+        loop.run_until_complete(engine.start())
+        ids = chat_ids(engine, PROMPTS[2])
+        base_before, _ = loop.run_until_complete(collect(engine, "b0", ids, None, params))
+        with pytest.raises(AdapterValidationError, match="failed to load"):
+            loop.run_until_complete(engine.add_adapter(wrong[0]))
+        assert loop.run_until_complete(collect(engine, "b1", ids, None, params))[0] == base_before
+        loop.run_until_complete(engine.add_adapter(alpha))
+        alpha_before, _ = loop.run_until_complete(collect(engine, "a0", ids, alpha, params))
+        with pytest.raises(AdapterValidationError, match="failed to load"):
+            loop.run_until_complete(engine.add_adapter(wrong[1]))
+        assert loop.run_until_complete(collect(engine, "a1", ids, alpha, params))[0] == alpha_before
+        assert loop.run_until_complete(collect(engine, "b2", ids, None, params))[0] == base_before
+        assert engine.loaded_adapters() == ["alpha@1"]
+    finally:
+        loop.run_until_complete(engine.shutdown())
+        loop.close()

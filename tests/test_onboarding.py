@@ -11,7 +11,8 @@ One module-scoped scenario, in the order an operator lives it:
 The server starts on what `loramux demo` builds (`run_demo`: real datasets, trained experts and a
 router, evaluated and registered), with a few expert steps (what experts answer does not matter
 here) and a router trained a few dozen steps, so routing accuracy means something. The new expert
-is trained by `onboard --train` itself.
+is trained by `onboard --train` itself, for one step: the router's candidate, not the expert's
+answers, is what the gate judges. The stacked evaluation the demo ends with runs on two requests.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -
     quick = DemoPlan.quick()
     plan = DemoPlan(experts=OLD, per_expert=60, seed=0, expert=replace(quick.expert, max_steps=4),
                     router=replace(quick.router, max_steps=24, **ROUTER), expert_eval_limit=2,
-                    router_eval_limit=None, expert_max_tokens=16)
+                    router_eval_limit=None, stacked_eval_limit=2, expert_max_tokens=16)
     demo = run_demo(settings, plan, echo=lambda _line: None, base=base_model)
     tasks = {name: Path(demo.summary["datasets"]) / "experts" / name for name in OLD}
     tasks[NEW] = build_task_datasets(root / "datasets" / "new", (NEW,), per_expert=60, seed=0)[NEW].path
@@ -130,7 +131,7 @@ def test_onboard_shadow_promote_without_restart_or_failures(world: dict) -> None
     with Traffic(server.url, old_texts) as traffic:
         started = time.perf_counter()
         done = _cli(world["env"], "onboard", "--name", NEW, "--dataset", str(tasks[NEW] / "all.jsonl"),
-                    "--train", "--expert-steps", "4", "--no-promote", "--router-steps", "16")
+                    "--train", "--expert-steps", "1", "--no-promote", "--router-steps", "16")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "passed the gate (candidate)" in done.stdout, done.stdout
         report_path = Path(done.stdout.split("report: ")[1].strip())
@@ -187,7 +188,7 @@ def test_a_bad_candidate_is_refused_and_never_serves(world: dict, base_model: Ba
     write_jsonl(shuffled / "train.jsonl", rows)
     for split in ("val", "eval"):
         (shuffled / f"{split}.jsonl").write_text((routing.path / f"{split}.jsonl").read_text())
-    bad = train_adapter(TrainConfig(kind="router", dataset=shuffled, run_name="router-shuffled", max_steps=16,
+    bad = train_adapter(TrainConfig(kind="router", dataset=shuffled, run_name="router-shuffled", max_steps=4,
                                     progress=False, eval_examples=0, **ROUTER), settings, base_model)
 
     active_before = Registry(settings.registry).load().router("router")

@@ -31,7 +31,13 @@ from service.api.app import create_app
 from service.settings import Settings
 from tests.conftest import TASK_ADAPTERS
 from tests.live_server import crashes, metric, private_copy, start_server
-from tests.support import ServerProcess, fix_base_model_name, make_lora_adapter
+from tests.support import (
+    ServerProcess,
+    fix_base_model_name,
+    make_lora_adapter,
+    make_norm_lora,
+    make_wrong_shape,
+)
 
 USER = "user-key-0123456789"
 ADMIN = "admin-key-9876543210"
@@ -387,6 +393,7 @@ def bad_adapters(main_root, base_model, tmp_path_factory) -> list[tuple[str, str
     (link_file / "adapter_model.safetensors").unlink()
     (link_file / "adapter_model.safetensors").symlink_to(outside / "adapter" / "adapter_model.safetensors")
     make_wrong_shape(copy("wrong_shape"))
+    make_norm_lora(copy("norm_lora"))
     return [
         ("corrupt", "not a readable safetensors file", "path"),
         ("wrong_base", "trained on 'gpt2'", "path"),
@@ -400,17 +407,9 @@ def bad_adapters(main_root, base_model, tmp_path_factory) -> list[tuple[str, str
         ("no_such_adapter", "does not exist", "path"),
         ("no_weights", "adapter_model.safetensors is missing", "path"),
         ("wrong_modules", "no_such_proj", "path"),
-        ("wrong_shape", "failed to load", "path"),
+        ("wrong_shape", "has shape [8, 100]; the base model's model.layers.0.self_attn.q_proj has 576 inputs", "path"),
+        ("norm_lora", "failed to load", "path"),
     ]
-
-
-def make_wrong_shape(folder: Path) -> None:
-    """Right rank, right keys, wrong input width: passes the file checks, fails in the engine."""
-    from safetensors.torch import load_file, save_file
-
-    weights = folder / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    save_file({k: (v[:, :100].contiguous() if "lora_A" in k else v) for k, v in tensors.items()}, str(weights))
 
 
 def test_50_bad_registrations_while_good_traffic_runs(main, bad_adapters):
@@ -470,9 +469,9 @@ def test_50_bad_registrations_while_good_traffic_runs(main, bad_adapters):
     assert httpx.get(f"{main.url}/ready", timeout=30).json()["adapters_failed"] == 0
 
 
-def test_a_bad_new_version_does_not_take_the_good_one_down(main):
+def test_a_bad_new_version_does_not_take_the_good_one_down(main, bad_adapters):
     """A version that validates but fails to load is withdrawn: the previous version keeps serving."""
-    r = httpx.post(f"{main.url}/admin/adapters", json={"name": "gamma", "path": "wrong_shape"}, headers=ADMIN_AUTH,
+    r = httpx.post(f"{main.url}/admin/adapters", json={"name": "gamma", "path": "norm_lora"}, headers=ADMIN_AUTH,
                    timeout=120)
     assert "failed to load" in assert_error(r, 422, "path")["message"]
     served = post(main, "/generate", {"prompt": "Hi", "adapter": "gamma", "max_tokens": 4})

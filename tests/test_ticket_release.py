@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.adapter_validation import BaseModules
 from service.adapters import AdapterManager
 from service.api import streaming
 from service.api.app import create_app
@@ -66,8 +67,8 @@ class FakeEngine(Engine):
         return FakeTokenizer()
 
     @property
-    def module_names(self) -> set[str]:
-        return {"q_proj", "v_proj"}
+    def modules(self) -> BaseModules:
+        return BaseModules(frozenset({"q_proj", "v_proj"}), {})
 
     async def add_adapter(self, adapter: AdapterRef) -> None:
         self.resident.add(adapter.key)

@@ -22,13 +22,13 @@ from training.register.commands import RegistryContext, list_adapters, register_
 # Registers the adapter at argv[1] as task adapter argv[2], argv[3] times, into $LORAMUX_REGISTRY.
 WRITER = """
 import sys
-from service.adapter_validation import base_module_names
+from service.adapter_validation import base_modules
 from service.base_model import resolve_base_model
 from service.settings import Settings
 from training.register.commands import RegistryContext, register_adapter
 settings = Settings()
 base = resolve_base_model(settings.base_model, settings.cache_dir)
-context = RegistryContext(settings, base, base_module_names(base))
+context = RegistryContext(settings, base, base_modules(base))
 print("ready", flush=True)
 for _ in range(int(sys.argv[3])):
     register_adapter("task", sys.argv[2], sys.argv[1], context=context)
@@ -47,10 +47,10 @@ def adapter(base_model: BaseModelInfo, adapter_root: Path) -> Path:
 
 @pytest.fixture()
 def context(base_model: BaseModelInfo, adapter_root: Path, tmp_path: Path) -> RegistryContext:
-    from service.adapter_validation import base_module_names
+    from service.adapter_validation import base_modules
 
     settings = Settings(adapter_root=adapter_root, registry=tmp_path / "loras.json")
-    return RegistryContext(settings, base_model, base_module_names(base_model))
+    return RegistryContext(settings, base_model, base_modules(base_model))
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.adapter_validation import base_module_names, validate_adapter
+from service.adapter_validation import base_modules, validate_adapter
 from service.base_model import BaseModelInfo
 from service.prompts import router_messages
 from service.registry import Registry
@@ -104,7 +104,7 @@ def test_train_router_validate_evaluate_register(settings: Settings, base_model:
     assert len(meta["dataset"]["fingerprint"]) == 64 and meta["metrics"]["steps"] == 3
     assert meta["preprocessing"]["length_filter"]["dropped"] == 0
 
-    modules = base_module_names(base_model)
+    modules = base_modules(base_model)
     info = validate_adapter(final, settings.adapter_root, base_model, settings.max_lora_rank, modules)
     assert info.rank == 4 and info.metadata["labels"] == ["lights", "media"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model.path), str(final))

@@ -122,9 +122,9 @@ def test_engine_knows_it_is_vision_language(vl: EngineHolder, world: VLWorld) ->
     engine = vl.engine
     assert engine.accepts_images
     assert engine.engine_args().limit_mm_per_prompt == {"image": 4, "video": 0}
-    assert "model.language_model.layers.0.self_attn.q_proj" in engine.module_names
+    assert "model.language_model.layers.0.self_attn.q_proj" in engine.modules.names
     for path in world.adapters.values():
-        info = validate_adapter(path, world.root, world.base, 8, engine.module_names)
+        info = validate_adapter(path, world.root, world.base, 8, engine.modules)
         assert info.rank == 8
     assert sorted(engine.loaded_adapters()) == sorted(ref.key for ref in vl.refs.values())
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from service.adapter_validation import BaseModules
     from service.engine.vision import ImageSizes
 
 # OpenAI's own values: a generation the engine cuts short (adapter unloaded, aborted, engine stopped)
@@ -111,8 +112,8 @@ class Engine(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def module_names(self) -> set[str]:
-        """Module names of the base model that LoRA target_modules may match."""
+    def modules(self) -> BaseModules:
+        """The base model's module names and linear widths, which adapters are validated against."""
 
     @property
     def accepts_images(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from service.adapter_validation import module_names
+from service.adapter_validation import BaseModules, modules_of
 from service.base_model import BaseModelInfo, load_base_model
 from service.context_window import ensure_fits
 from service.engine import kv_batch, scorer
@@ -57,7 +57,7 @@ class EmbeddedEngine(Engine):
         self.base = base
         self._tokenizer: Any = None
         self._model: Any = None  # PeftModel once the first adapter is loaded, else the bare model
-        self._module_names: set[str] = set()
+        self._modules = BaseModules(frozenset(), {})
         self._vision: VisionInputs | None = None  # set for vision-language base models
         self._adapters: dict[str, AdapterRef] = {}
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -84,7 +84,7 @@ class EmbeddedEngine(Engine):
         model.eval()
         self._model = model
         self._vision = VisionInputs.for_model(self.base.path, model)
-        self._module_names = module_names(model)
+        self._modules = modules_of(model)
         self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
         self._scheduler.pad_id = self._tokenizer.pad_token_id or 0
 
@@ -99,8 +99,8 @@ class EmbeddedEngine(Engine):
         return self._tokenizer
 
     @property
-    def module_names(self) -> set[str]:
-        return self._module_names
+    def modules(self) -> BaseModules:
+        return self._modules
 
     @property
     def image_sizes(self) -> ImageSizes | None:
@@ -135,24 +135,39 @@ class EmbeddedEngine(Engine):
         await self._call(lambda: self._add_adapter(adapter))
 
     def _add_adapter(self, adapter: AdapterRef) -> None:
-        from peft import PeftModel
+        from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
 
         name = peft_name(adapter)
         if name in self._adapters:
             return
+        fresh = not isinstance(self._model, PeftModel)
         try:
-            if isinstance(self._model, PeftModel):
-                self._model.load_adapter(str(adapter.path), adapter_name=name, use_safetensors=True)
-            else:
-                self._model = PeftModel.from_pretrained(
-                    self._model, str(adapter.path), adapter_name=name, use_safetensors=True
-                )
+            if fresh:  # wrapped first, loaded second: a failed load can then be taken out again
+                config = PeftConfig.from_pretrained(str(adapter.path))
+                config.inference_mode = True  # as PeftModel.from_pretrained builds it, in two steps
+                wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+                self._model = wrapper(self._model, config, adapter_name=name)
+            self._model.load_adapter(str(adapter.path), adapter_name=name, use_safetensors=True)
         except Exception as exc:  # peft raises many types for bad weights; none may take the server down
             log.warning("peft refused adapter %s: %s", adapter.key, exc)
+            self._withdraw(name, fresh)
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: peft refused its weights "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
         self._model.eval()
         self._adapters[name] = adapter
+
+    def _withdraw(self, name: str, fresh: bool) -> None:
+        """Take a half-loaded adapter back out: peft injects its layers before it copies the weights,
+        so a failed copy would otherwise leave them in every forward pass (and, on the bare model,
+        partly copied weights in the base model's own answers)."""
+        from peft import PeftModel
+
+        if not isinstance(self._model, PeftModel) or name not in self._model.peft_config:
+            return
+        if fresh:
+            self._model = self._model.unload()
+        else:
+            self._model.delete_adapter(name)
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         await self._call(lambda: self._remove_adapter(adapter))

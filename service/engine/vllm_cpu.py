@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from service.adapter_validation import BaseModules
 from service.base_model import BaseModelInfo
 from service.errors import EngineError
 
@@ -65,25 +66,20 @@ def cpu_env_defaults() -> dict[str, str]:
     return applied
 
 
-def write_null_lora(base: BaseModelInfo, folder: Path, module_names: set[str]) -> Path:
+def write_null_lora(base: BaseModelInfo, folder: Path, modules: BaseModules) -> Path:
     """A rank-1 LoRA with zero weights on one attention projection of the first layer: served, it
     adds exactly 0.0, i.e. it is the base model (see the module docstring for why it exists)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(base.path).get_text_config()  # a VL model's language model
-    candidates = sorted(n for n in module_names if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
+    candidates = sorted(n for n in modules.shapes if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
     if not candidates:
         raise EngineError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
     target = candidates[0]
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inputs, outputs = modules.shapes[target]
     folder.mkdir(parents=True, exist_ok=True)
     weights = {
-        f"base_model.model.{target}.lora_A.weight": torch.zeros(1, hidden),
-        f"base_model.model.{target}.lora_B.weight": torch.zeros(heads * head_dim, 1),
+        f"base_model.model.{target}.lora_A.weight": torch.zeros(1, inputs),
+        f"base_model.model.{target}.lora_B.weight": torch.zeros(outputs, 1),
     }
     save_file(weights, str(folder / "adapter_model.safetensors"))
     adapter_config = {

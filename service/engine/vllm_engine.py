@@ -41,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from service.adapter_validation import BaseModules, base_modules
 from service.base_model import BaseModelInfo, is_vision_language
 from service.context_window import ensure_fits
 from service.engine import vl_cpu_shim
@@ -101,7 +102,7 @@ class VLLMEngine(Engine):
         self.base = base
         self._llm: Any = None
         self._tokenizer: Any = None
-        self._module_names: set[str] = set()
+        self._modules = BaseModules(frozenset(), {})
         self._eos: frozenset[int] = frozenset()
         self._adapters: dict[str, AdapterRef] = {}  # key (name@version) -> resident version
         self._inflight: dict[str, str | None] = {}  # our request id -> adapter key (None: base model)
@@ -160,10 +161,8 @@ class VLLMEngine(Engine):
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from service.adapter_validation import base_module_names
-
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.base.path)
-        self._module_names = await asyncio.to_thread(base_module_names, self.base)
+        self._modules = await asyncio.to_thread(base_modules, self.base)
         self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
         shim = self.settings.cache_dir / "vllm" / "vl-cpu-shim"
         with vl_cpu_shim.for_vllm_processes(shim) if self._vision else contextlib.nullcontext(False) as shimmed:
@@ -174,7 +173,7 @@ class VLLMEngine(Engine):
             from vllm.lora.request import LoRARequest
 
             folder = self.settings.cache_dir / "vllm" / f"null-lora-{self.base.sha256[:16] or 'base'}"
-            await asyncio.to_thread(write_null_lora, self.base, folder, self._module_names)
+            await asyncio.to_thread(write_null_lora, self.base, folder, self._modules)
             self._null_lora = LoRARequest("__base__", LORA_IDS.fresh(), str(folder))
             await self._llm.add_lora(self._null_lora)
 
@@ -188,8 +187,8 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     @property
-    def module_names(self) -> set[str]:
-        return self._module_names
+    def modules(self) -> BaseModules:
+        return self._modules
 
     @property
     def image_sizes(self) -> ImageSizes | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.adapter_validation import BaseModules, base_modules
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.errors import AdapterValidationError
 from service.registration import register_adapter as _service_register
@@ -25,7 +26,7 @@ from training.train.metadata import read_metadata
 class RegistryContext:
     settings: Settings
     base: BaseModelInfo | None = None
-    module_names: set[str] | None = None
+    base_modules: BaseModules | None = None
 
     def resolved_base(self) -> BaseModelInfo:
         if self.base is None:
@@ -33,12 +34,10 @@ class RegistryContext:
             self.base = resolve_base_model(s.base_model, s.cache_dir, s.base_model_name)
         return self.base
 
-    def modules(self) -> set[str]:
-        if self.module_names is None:
-            from service.adapter_validation import base_module_names
-
-            self.module_names = base_module_names(self.resolved_base())
-        return self.module_names
+    def modules(self) -> BaseModules:
+        if self.base_modules is None:
+            self.base_modules = base_modules(self.resolved_base())
+        return self.base_modules
 
     @property
     def registry(self) -> Registry:
@@ -76,7 +75,7 @@ def register_adapter(
         description=description,
         labels=tuple(labels) if labels else None,
         activate=activate,
-        module_names=context.modules(),
+        modules=context.modules(),
     )
 
 

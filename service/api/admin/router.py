@@ -123,7 +123,7 @@ async def register(body: RegisterRequest, state: State) -> dict:
         body.description,
         tuple(body.labels) if body.labels else None,
         False,
-        state.engine.module_names,
+        state.engine.modules,
     )
     await state.adapters.sync()
     if version.uid not in state.adapters.failed and body.activate:
