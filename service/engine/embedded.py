@@ -140,9 +140,8 @@ class EmbeddedEngine(Engine):
         name = peft_name(adapter)
         if name in self._adapters:
             return
-        fresh = not isinstance(self._model, PeftModel)
         try:
-            if fresh:  # wrapped first, loaded second: a failed load can then be taken out again
+            if not isinstance(self._model, PeftModel):  # wrapped, then loaded: a failed load can be taken out
                 config = PeftConfig.from_pretrained(str(adapter.path))
                 config.inference_mode = True  # as PeftModel.from_pretrained builds it, in two steps
                 wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
@@ -150,24 +149,21 @@ class EmbeddedEngine(Engine):
             self._model.load_adapter(str(adapter.path), adapter_name=name, use_safetensors=True)
         except Exception as exc:  # peft raises many types for bad weights; none may take the server down
             log.warning("peft refused adapter %s: %s", adapter.key, exc)
-            self._withdraw(name, fresh)
+            # peft injects an adapter's layers before it copies the weights: a failed copy would
+            # leave them in every forward pass (on the bare model, active in its own answers)
+            if isinstance(self._model, PeftModel) and name in self._model.peft_config:
+                self._drop_from_peft(name)
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: peft refused its weights "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
         self._model.eval()
         self._adapters[name] = adapter
 
-    def _withdraw(self, name: str, fresh: bool) -> None:
-        """Take a half-loaded adapter back out: peft injects its layers before it copies the weights,
-        so a failed copy would otherwise leave them in every forward pass (and, on the bare model,
-        partly copied weights in the base model's own answers)."""
-        from peft import PeftModel
-
-        if not isinstance(self._model, PeftModel) or name not in self._model.peft_config:
-            return
-        if fresh:
-            self._model = self._model.unload()
-        else:
+    def _drop_from_peft(self, name: str) -> None:
+        """Take adapter `name`'s layers out of the model (unloaded, or a load that failed)."""
+        if any(other != name for other in self._adapters):
             self._model.delete_adapter(name)
+        else:  # peft keeps at least one adapter; unwrap back to the bare model instead
+            self._model = self._model.unload()
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         await self._call(lambda: self._remove_adapter(adapter))
@@ -177,11 +173,7 @@ class EmbeddedEngine(Engine):
         if name not in self._adapters:
             return
         self._scheduler.interrupt(name, f"adapter {adapter.key} was unloaded while generating; retry")
-        if len(self._adapters) == 1:
-            # peft keeps at least one adapter; unwrap back to the bare model instead
-            self._model = self._model.unload()
-        else:
-            self._model.delete_adapter(name)
+        self._drop_from_peft(name)
         del self._adapters[name]
         self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
 

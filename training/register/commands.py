@@ -26,7 +26,7 @@ from training.train.metadata import read_metadata
 class RegistryContext:
     settings: Settings
     base: BaseModelInfo | None = None
-    base_modules: BaseModules | None = None
+    known_modules: BaseModules | None = None
 
     def resolved_base(self) -> BaseModelInfo:
         if self.base is None:
@@ -35,9 +35,9 @@ class RegistryContext:
         return self.base
 
     def modules(self) -> BaseModules:
-        if self.base_modules is None:
-            self.base_modules = base_modules(self.resolved_base())
-        return self.base_modules
+        if self.known_modules is None:
+            self.known_modules = base_modules(self.resolved_base())
+        return self.known_modules
 
     @property
     def registry(self) -> Registry:
