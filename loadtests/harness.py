@@ -77,13 +77,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`loramux serve` in a subprocess on 127.0.0.1, with the given LORAMUX_ environment."""
+    """`loramux serve` in a subprocess on 127.0.0.1, with the given LORAMUX_ environment (or another
+    command that serves, such as `("demo", "--quick", "--serve")`)."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), startup_timeout: float = 240.0):
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), startup_timeout: float = 240.0,
+                 command: tuple[str, ...] = ("serve",)):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.args = args
+        self.command = command
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -91,7 +94,7 @@ class ServerProcess:
     def start(self, log_path: Path) -> ServerProcess:
         self.log_path = log_path
         log = log_path.open("w")
-        cmd = [sys.executable, "-m", "loramux", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "loramux", *self.command, "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      cwd=PROJECT_ROOT)
         deadline = time.monotonic() + self.startup_timeout

@@ -175,20 +175,33 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     manager = state.adapters
     router = manager.resolve_router()
     if router is None:
+        coming = state.build.still_building("the router", state.settings.router, "router", param)
+        if coming is not None:
+            raise coming
         # like an unknown model: the client can fix it by naming an adapter (a 5xx would say retry)
         raise AdapterNotFoundError("no router is registered; name an adapter explicitly", param=param)
-    candidates = manager.routable(router.version.labels)
-    if not candidates:
+    served = {c.version.name for c in manager.routable(router.version.labels)}
+    # names a live builder is still training stay candidates: leaving them out would send their
+    # requests to the best of the others, a wrong expert answering with confidence
+    building = state.build.current()
+    coming = set(building.pending) if building is not None else set()
+    names = [label for label in router.version.labels if label in served or label in coming]
+    if not names:
         raise ServiceUnavailableError("none of the router's adapters is registered and loaded")
     settings = state.settings
     fallback_name = None if settings.fallback == "base" else settings.fallback
-    names = [c.version.name for c in candidates]
     with manager.hold(router):  # a router rollback mid-decision must not unload it under the forward pass
         decision = await decide(state, router, names, messages, settings.route_threshold, fallback_name, param)
     state.metrics.route_latency.observe(decision.latency_ms / 1000)
     state.metrics.route_confidence.observe(decision.confidence)
     if decision.fallback:
         state.metrics.route_fallbacks.inc()
+    if decision.adapter is not None and decision.adapter not in served:
+        later = state.build.still_building(f"the request was routed to {decision.adapter!r}, which",
+                                           decision.adapter, param=param)
+        if later is not None:
+            state.metrics.route_decisions.labels(decision.adapter).inc()
+            raise later
     chosen = None
     if decision.adapter is not None:
         try:
@@ -282,6 +295,9 @@ async def choose(
     try:
         resolved = state.adapters.active(adapter)
     except LoramuxError as exc:
+        coming = state.build.still_building(f"adapter {adapter!r}", adapter, param=param)
+        if coming is not None and isinstance(exc, AdapterNotFoundError):
+            raise coming from None
         exc.param = param
         raise
     return Choice(resolved, hold=state.adapters.hold(resolved))

@@ -445,6 +445,22 @@ class Registry:
             self._write(RegistrySnapshot(entries, snap.active_router), snap)
             return replace(target, status=status)
 
+    def record_metrics(self, name: str, version: int, metrics: dict[str, Any]) -> AdapterVersion:
+        """Merge evaluation results into a registered version's `metrics` (the demo registers each
+        adapter as soon as it is trained, so a running service gets it at once, and evaluates them
+        all at the end). Only this descriptive field changes: weights, checksum and status stay."""
+        with self._lock():
+            snap = self.load()
+            entry = snap.entries.get(name)
+            if entry is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered", param="name")
+            target = replace(entry.get(version), metrics={**entry.get(version).metrics, **metrics})
+            entries = dict(snap.entries)
+            entries[name] = replace(entry, versions=tuple(target if v.version == version else v
+                                                          for v in entry.versions))
+            self._write(RegistrySnapshot(entries, snap.active_router), snap)
+            return target
+
     def withdraw(self, name: str, version: int) -> None:
         """Take back a version that was registered but would not load: it is marked failed and the
         version it replaced is active again (after a first version, none is), in one locked write.

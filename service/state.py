@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from service.adapters import AdapterManager
 from service.base_model import BaseModelInfo
+from service.build_status import BuildStatusReader
 from service.engine.base import Engine
 from service.errors import OverloadedError, ServiceUnavailableError
 from service.metrics import Metrics
@@ -63,11 +64,13 @@ class ServiceState:
     router: Router
     metrics: Metrics
     admission: Admission
+    build: BuildStatusReader  # adapters a builder (the demo) will register soon
     ready: bool = False
     draining: bool = False
     created: int = 0
     shadow_stats: dict = field(default_factory=dict)
     shadow_tasks: set = field(default_factory=set)  # shadow decisions running beside the requests
+    cpu_follower: asyncio.Task | None = None  # build_status.share_cpu_while_building
 
     def ticket(self) -> Ticket:
         """Admission for one inference request: 503 while draining or loading, 429 when full."""

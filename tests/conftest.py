@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,19 +61,38 @@ def served_registry(
     return registry
 
 
+@dataclass(frozen=True)
+class QuickDemo:
+    settings: Any
+    summary: dict[str, Any]  # the demo's summary.json
+    report_dir: Path
+    lines: list[str]  # what the command printed (the demo's lines and its server's log)
+    seen: list[Any]  # tests.support.Seen: what clients got while it built
+
+
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo):
-    """`loramux demo` in its quick form (real datasets, a few training steps per adapter, evaluation,
-    registration) in its own adapter root: the demo test checks it, the Locust run serves it.
-    Returns (settings, DemoResult, printed lines)."""
+def quick_demo(tmp_path_factory: pytest.TempPathFactory, base_model: BaseModelInfo) -> QuickDemo:
+    """`loramux demo --quick --serve` (what `make run` does, with a few training steps per adapter):
+    a real server from the start, the demo's real datasets, training, registration and evaluation
+    feeding it, and a client asking all along until the demo is done (`watch_build`). The demo
+    tests check both; the Locust run serves what it built."""
     from service.settings import Settings
-    from training.demo import DemoPlan, run_demo
+    from tests.support import ServerProcess, watch_build
+    from training.demo import DemoPlan
 
     root = tmp_path_factory.mktemp("quick_demo")
     settings = Settings(adapter_root=root, registry=root / "config" / "loras.json", cache_dir=CACHE_DIR)
-    lines: list[str] = []
-    result = run_demo(settings, DemoPlan.quick(), echo=lines.append, base=base_model)
-    return settings, result, lines
+    env = {"LORAMUX_REGISTRY": str(settings.registry), "LORAMUX_ADAPTER_ROOT": str(root),
+           "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_REGISTRY_POLL_S": "0.2"}
+    proc = ServerProcess(env, command=("demo", "--quick", "--serve")).start(root / "demo.log")
+    try:
+        seen = watch_build(proc, DemoPlan.quick().experts[-1], lambda: "[demo] done" in proc.log())
+    finally:
+        code = proc.stop()
+    lines = (root / "demo.log").read_text().splitlines()
+    assert code == 130, f"the demo's server did not stop on SIGTERM ({code}):\n{proc.log()}"
+    (summary_file,) = (root / "reports").glob("demo_*/summary.json")
+    return QuickDemo(settings, json.loads(summary_file.read_text()), summary_file.parent, lines, seen)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,9 @@ benchmarks, in `loadtests.harness`), and the engines a test module runs on one e
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ from loadtests.harness import (
     save_random_lora,
 )
 
-__all__ = ["PROJECT_ROOT", "EngineLoop", "ServerProcess", "fix_base_model_name", "free_port", "make_lora_adapter",
-           "make_norm_lora", "make_wrong_shape", "save_random_lora"]
+__all__ = ["PROJECT_ROOT", "EngineLoop", "Seen", "ServerProcess", "fix_base_model_name", "free_port",
+           "make_lora_adapter", "make_norm_lora", "make_wrong_shape", "save_random_lora", "watch_build"]
 
 
 def make_norm_lora(folder: Path) -> None:
@@ -59,3 +61,40 @@ class EngineLoop:
             self.released = True
             for engine in self.engines:
                 self.run(engine.shutdown())
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One answer a client got while `loramux demo --serve` was building."""
+
+    elapsed_s: float
+    what: str  # ready, models, auto (a routed chat), pinned (a chat naming the last expert)
+    status: int
+    retry_after: str | None
+    body: Any
+
+
+def watch_build(server: ServerProcess, pinned: str, done: Callable[[], bool], timeout_s: float = 900,
+                every_s: float = 1.0) -> list[Seen]:
+    """Ask a building service what a newcomer would ask (is it ready, what models, a routed chat, a
+    chat naming an expert trained last) until `done()`, and once more after, keeping every answer."""
+    import httpx
+
+    chat = {"messages": [{"role": "user", "content": "turn on the kitchen lights"}], "max_tokens": 4}
+    asks = [("ready", "GET", "/ready", None), ("models", "GET", "/v1/models", None),
+            ("auto", "POST", "/v1/chat/completions", {**chat, "model": "auto"}),
+            ("pinned", "POST", "/v1/chat/completions", {**chat, "model": pinned})]
+    seen: list[Seen] = []
+    started = time.monotonic()
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        finished = False
+        while not finished:
+            finished = done()
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the build did not finish in {timeout_s} s:\n{server.log()}")
+            for what, method, path, body in asks:
+                response = client.request(method, path, json=body)
+                seen.append(Seen(round(time.monotonic() - started, 2), what, response.status_code,
+                                 response.headers.get("retry-after"), response.json()))
+            time.sleep(every_s)
+    return seen

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def load_server(quick_demo, tmp_path_factory) -> Iterator[ServerProcess]:
-    settings = quick_demo[0]
+    settings = quick_demo.settings
     server = start_server(settings.adapter_root, settings.registry, tmp_path_factory.mktemp("locust") / "server.log",
                           api_keys=KEY, admin_api_keys="locust-admin")
     yield server

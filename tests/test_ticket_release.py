@@ -28,6 +28,7 @@ from service.api.app import create_app
 from service.api.generate import serving as generate_serving
 from service.api.openai import serving as openai_serving
 from service.base_model import BaseModelInfo
+from service.build_status import BuildStatusReader, status_path
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.inference import choose, generate_stream
 from service.metrics import Metrics
@@ -136,7 +137,8 @@ def state(tmp_path, monkeypatch) -> ServiceState:
     manager = AdapterManager(settings, base, engine, Registry(settings.registry))
     asyncio.run(manager.sync(force=True))  # no watcher: each test syncs when it changes the registry
     st = ServiceState(settings=settings, base=base, engine=engine, adapters=manager, router=Router(engine),
-                      metrics=Metrics(), admission=Admission(settings.max_queue), ready=True)
+                      metrics=Metrics(), admission=Admission(settings.max_queue),
+                      build=BuildStatusReader(status_path(settings.registry)), ready=True)
     return st
 
 

@@ -397,11 +397,19 @@ def demo_command(
     seed: Annotated[int, typer.Option()] = 0,
     resume: Annotated[str | None, typer.Option(help="stamp of an interrupted demo (datasets/demo_<stamp>)")]
     = None,
+    serve: Annotated[bool, typer.Option("--serve", help="serve at once and register each adapter as it is "
+                                        "trained (with --if-missing: just serve when adapters exist)")] = False,
+    host: Annotated[str | None, typer.Option(help="with --serve: the server's host (default LORAMUX_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="with --serve: the server's port (default LORAMUX_PORT)")] = None,
 ) -> None:
-    """Demo datasets, experts and router trained on the CPU, evaluated, registered."""
+    """Demo datasets, router and experts trained on the CPU, registered as each is ready, evaluated."""
     from training.demo import DemoPlan, run_demo
 
     plan = DemoPlan.quick(seed) if quick else DemoPlan(seed=seed)
+    if serve:
+        from training.demo_serve import demo_and_serve
+
+        raise typer.Exit(demo_and_serve(_settings(), plan, host, port, typer.echo, if_missing, resume))
     run_demo(_settings(), plan, if_missing=if_missing, echo=typer.echo, resume=resume)
 
 
@@ -444,6 +452,10 @@ def onboard_command(
 def register_commands(app: typer.Typer) -> None:
     """Attach the training commands to the `loramux` CLI."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the libraries' own tqdm bars (model loading, dataset maps, GGUF conversion) would bury the one
+    # progress line per stage that the commands show (training.progress); set before they are imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     app.add_typer(dataset_app, name="dataset")
     app.command("train")(_friendly_errors(train_command))
     app.command("eval")(_friendly_errors(eval_command))

@@ -1,13 +1,16 @@
 """`loramux demo`: from public data to registered, evaluated adapters on a 2-core CPU.
 
-Builds the expert datasets (home-assistant-intents + ctparse), the routing dataset from the same
-files, trains each expert and the router (few hundred steps in total: the plan below is sized for
-about 40 minutes on 2 cores), evaluates them through the serving engine on their
-held-out eval splits, then the whole pipeline on the routing eval split (`training.evaluate.stacked`: route,
-answer with the chosen expert, score, next to the true expert and the base model), records the
-results in each adapter's `loramux.json`, registers everything and prints a short report. Experts
-are registered before the router, so a running service never sees a router whose candidates are
-missing.
+Builds the expert datasets (home-assistant-intents + ctparse) and the routing dataset from the same
+files, trains the router and then each expert (a few hundred steps in total: the plan below is
+sized for about 20 minutes on 2 cores), registering each adapter the moment it is trained, so a
+service running beside the demo (`loramux demo --serve`, which `make run` uses) answers routed
+requests minutes after start and grows one expert at a time. While it builds, the build status
+(`service.build_status`) tells the service what is coming, so a request for an expert not trained
+yet is a 503 with Retry-After rather than a wrong expert or a 404. At the end everything is
+evaluated through the serving engine on the held-out eval splits, then the whole pipeline on the
+routing eval split (`training.evaluate.stacked`: route, answer with the chosen expert, score, next
+to the true expert and the base model); the results go into each adapter's `loramux.json` and a
+short report.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from service.base_model import BaseModelInfo, resolve_base_model
+from service.build_status import BuildStatusWriter, status_path
 from service.registry import Registry
 from service.settings import Settings
 from training.data.chats import write_json
@@ -48,10 +52,10 @@ class DemoPlan:
     seed: int = 0
     expert: TrainConfig = field(default_factory=lambda: TrainConfig(
         kind="task", dataset=Path(), run_name="", max_steps=100, batch_size=8, learning_rate=2e-3, dropout=0.0,
-        save_steps=20, progress=False, eval_examples=0))
+        save_steps=20, eval_examples=0))
     router: TrainConfig = field(default_factory=lambda: TrainConfig(
         kind="router", dataset=Path(), run_name="", max_steps=80, batch_size=16, learning_rate=1e-3, dropout=0.0,
-        save_steps=40, progress=False, eval_examples=0))
+        save_steps=40, eval_examples=0))
     expert_eval_limit: int | None = 60
     router_eval_limit: int | None = None
     stacked_eval_limit: int | None = 60
@@ -89,10 +93,17 @@ def run_demo(
     echo: Callable[[str], Any] = print,
     base: BaseModelInfo | None = None,
     resume: str | None = None,
+    on_started: Callable[[], Any] | None = None,
 ) -> DemoResult:
     """`resume` is the stamp of an interrupted demo (`datasets/demo_<stamp>`): its datasets are
     rebuilt identically (seeded), finished adapters are reused and unfinished runs continue from
-    their last checkpoint, so a demo cut off after most of its training does not start over."""
+    their last checkpoint, so a demo cut off after most of its training does not start over.
+
+    Each adapter is registered the moment it is trained, router first (it answers for every
+    expert; a request routed to one not trained yet gets a 503 with Retry-After, see
+    `service.build_status`), so a service running beside the demo grows live. `on_started` is called
+    once the base model is ready and the build status says what is coming (`loramux demo --serve`
+    starts its server there)."""
     settings = settings or Settings()
     plan = plan or DemoPlan()
     registry = Registry(settings.registry)
@@ -101,59 +112,82 @@ def run_demo(
         return DemoResult(skipped=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    served_at: dict[str, float] = {}
+    echo("[demo] base model")
     base = base or resolve_base_model(settings.base_model, settings.cache_dir, settings.base_model_name)
     stamp = resume or f"{datetime.now():%Y%m%d_%H%M%S}"
     root = settings.adapter_root
     data_root = root / "datasets" / f"demo_{stamp}"
     if resume and not data_root.is_dir():
         raise FileNotFoundError(f"no interrupted demo to resume: {data_root} does not exist")
+    order = [ROUTER_NAME, *plan.experts]  # the router first: with it, every request gets a clear answer
+    stages = len(order) + 2  # datasets, each adapter, evaluation
+    pace = BuildPace(plan)
+    coming = {ROUTER_NAME: "router"} | dict.fromkeys(plan.experts, "task")
+    status = BuildStatusWriter(status_path(settings.registry), coming, stages)
+    try:
+        if on_started is not None:
+            on_started()
 
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 1)
-        return now
+        def lap(name: str, since: float) -> float:
+            now = time.perf_counter()
+            timings[name] = round(now - since, 1)
+            return now
 
-    echo(f"[demo] datasets -> {data_root}")
-    t = time.perf_counter()
-    tasks = build_task_datasets(data_root / "experts", plan.experts, plan.per_expert, plan.seed)
-    routing = build_routing_dataset({n: d.all_file for n, d in tasks.items()}, data_root / "routing", seed=plan.seed)
-    t = lap("datasets", t)
+        def stage(index: int, what: str) -> str:
+            status.stage(index, what, pace.etas(order[max(0, index - 2):]))
+            return f"[{index}/{stages}] {what}"
 
-    finals: dict[str, Path] = {}
-    for name, data in tasks.items():
-        config = replace(plan.expert, dataset=data.path, run_name=f"demo_{stamp}_{name}", seed=plan.seed,
-                         description=f"demo expert: {name}")
-        finals[name] = _train_or_reuse(config, settings, base, echo, f"expert {name}")
-        t = lap(f"train {name}", t)
-    config = replace(plan.router, dataset=routing.path, run_name=f"demo_{stamp}_{ROUTER_NAME}", seed=plan.seed,
-                     description="demo router")
-    finals[ROUTER_NAME] = _train_or_reuse(config, settings, base, echo,
-                                          f"router over {', '.join(routing.labels)}")
-    t = lap("train router", t)
+        echo(f"[demo] {stage(1, 'datasets')} -> {data_root}")
+        t = time.perf_counter()
+        tasks = build_task_datasets(data_root / "experts", plan.experts, plan.per_expert, plan.seed)
+        routing = build_routing_dataset({n: d.all_file for n, d in tasks.items()}, data_root / "routing",
+                                        seed=plan.seed)
+        t = lap("datasets", t)
 
-    echo("[demo] evaluating through the serving engine")
-    report_dir = root / "reports" / f"demo_{stamp}"
-    evaluations = asyncio.run(_evaluate(settings, base, plan, finals, tasks, routing.path))
-    for name, report in evaluations.items():
-        write_report(report, report_dir / name)
-        if name != STACKED:
-            update_metrics(finals[name], "eval", _headline(report))
-    update_metrics(finals[ROUTER_NAME], STACKED, _headline(evaluations[STACKED]))
-    t = lap("evaluate", t)
+        context = RegistryContext(settings, base)
+        finals: dict[str, Path] = {}
+        versions = {}
+        for index, name in enumerate(order, start=2):
+            if name == ROUTER_NAME:
+                label = stage(index, f"router over {', '.join(routing.labels)}")
+                config = replace(plan.router, dataset=routing.path, run_name=f"demo_{stamp}_{ROUTER_NAME}",
+                                 seed=plan.seed, description="demo router", progress_label=label)
+            else:
+                label = stage(index, f"expert {name}")
+                config = replace(plan.expert, dataset=tasks[name].path, run_name=f"demo_{stamp}_{name}",
+                                 seed=plan.seed, description=f"demo expert: {name}", progress_label=label)
+            finals[name] = _train_or_reuse(config, settings, base, echo, label)
+            pace.trained(config, time.perf_counter() - t)
+            if name == ROUTER_NAME:
+                versions[name] = _register_once(context, "router", name, finals[name], "demo router",
+                                                list(routing.labels))
+            else:
+                versions[name] = _register_once(context, "task", name, finals[name], f"demo expert: {name}")
+            status.registered(name)
+            served_at[name] = round(time.perf_counter() - started, 1)
+            echo(f"[demo] {name} registered (version {versions[name].version}) after "
+                 f"{served_at[name] / 60:.1f} min; a running service loads it now")
+            t = lap(f"train {name}", t)
 
-    echo(f"[demo] registering in {settings.registry}")
-    context = RegistryContext(settings, base)
-    versions = {}
-    for name in tasks:
-        versions[name] = register_adapter("task", name, finals[name], f"demo expert: {name}", context=context)
-    versions[ROUTER_NAME] = register_adapter("router", ROUTER_NAME, finals[ROUTER_NAME], "demo router",
-                                             labels=list(routing.labels), context=context)
-    lap("register", t)
+        echo(f"[demo] {stage(stages, 'evaluating through the serving engine')}")
+        report_dir = root / "reports" / f"demo_{stamp}"
+        evaluations = asyncio.run(_evaluate(settings, base, plan, finals, tasks, routing.path))
+        for name, report in evaluations.items():
+            write_report(report, report_dir / name)
+        for name, key in [(n, "eval") for n in order] + [(ROUTER_NAME, STACKED)]:
+            headline = _headline(evaluations[STACKED if key == STACKED else name])
+            update_metrics(finals[name], key, headline)  # the adapter's loramux.json
+            context.registry.record_metrics(name, versions[name].version, {key: headline})
+        lap("evaluate", t)
+    finally:
+        status.close()
 
     seconds = time.perf_counter() - started
     summary = {
         "seconds": round(seconds, 1),
         "timings": timings,
+        "registered_after_s": served_at,
         "datasets": str(data_root),
         "adapters": {n: {"path": str(finals[n]), "version": v.version} for n, v in versions.items()},
         "router": _headline(evaluations[ROUTER_NAME]),
@@ -168,13 +202,49 @@ def run_demo(
     return DemoResult(False, seconds, report_dir, summary)
 
 
+class BuildPace:
+    """Seconds per training step by kind, for the build status's estimates: a prior measured on a
+    2-core CPU (router steps of 16 about 1.4 s, expert steps of 8 about 1.7 s), replaced by what this
+    machine did as soon as one adapter of that kind is trained."""
+
+    def __init__(self, plan: DemoPlan):
+        self.steps = {"router": plan.router.max_steps, "task": plan.expert.max_steps}
+        self.per_step = {"router": 1.4, "task": 1.7}
+
+    def trained(self, config: TrainConfig, seconds: float) -> None:
+        if config.max_steps > 0 and seconds > 1:
+            self.per_step[config.kind] = seconds / config.max_steps
+
+    def etas(self, names: list[str]) -> dict[str, float]:
+        """Seconds until each of `names` (in training order, the first one in training now) is registered."""
+        out, total = {}, 0.0
+        for name in names:
+            kind = "router" if name == ROUTER_NAME else "task"
+            total += max(1, self.steps[kind]) * self.per_step[kind]
+            out[name] = total
+        return out
+
+
+def _register_once(context: RegistryContext, kind: str, name: str, final: Path, description: str,
+                   labels: list[str] | None = None) -> Any:
+    """Register `final` as `name`, unless its active version already is this folder (a resumed demo
+    registered it before it was cut off): a second identical version would only churn the service."""
+    entry = context.registry.load().entries.get(name)
+    if entry is not None and entry.active is not None:
+        registered = Path(entry.active.path)
+        registered = registered if registered.is_absolute() else context.settings.adapter_root / registered
+        if registered.resolve() == final.resolve():
+            return entry.active
+    return register_adapter(kind, name, final, description, labels=labels, context=context)  # type: ignore[arg-type]
+
+
 def _train_or_reuse(config: TrainConfig, settings: Settings, base: BaseModelInfo, echo: Callable[[str], Any],
                     what: str) -> Path:
     final = (config.runs_dir or settings.adapter_root / "runs") / config.run_name / "final"
     if (final / "adapter_model.safetensors").is_file():
         echo(f"[demo] {what}: reusing {final}")
         return final
-    echo(f"[demo] training {what} ({config.max_steps} steps)")
+    echo(f"[demo] {what}: training, {config.max_steps} steps")
     return train_adapter(config, settings, base).final_dir
 
 
@@ -236,5 +306,8 @@ def summary_lines(summary: dict[str, Any], report_dir: Path) -> list[str]:
         lines.append(f"  stacked  routing {pct(stacked['routing_accuracy'])}, end to end {pct(stacked['end_to_end'])}, "
                      f"oracle {pct(stacked['oracle'])}, base {pct(stacked['base'])} on {stacked['n']} requests "
                      f"({outcomes['lost_to_routing']} lost to routing, {outcomes['lost_by_expert']} by the expert)")
+    if summary.get("registered_after_s"):
+        lines.append("  serving after: " + ", ".join(f"{k} {v / 60:.1f} min"
+                                                      for k, v in summary["registered_after_s"].items()))
     lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()))
     return lines

@@ -1,11 +1,13 @@
-"""Progress of long evaluation loops: a rich bar on a terminal, a log line every ~10% elsewhere.
+"""Progress a person can follow: one line per stage, a rich bar on a terminal, plain log lines elsewhere.
 
-An evaluation of a few thousand routing examples takes minutes on a CPU; without a sign of life
-it looks hung. On a terminal (stderr is a TTY) a `rich.progress` bar shows done/total and the time
-left; in CI, Modal logs or a redirected file a bar would be noise, so a plain INFO log line is
+A demo trains seven adapters and evaluates them; an evaluation of a few thousand routing examples
+takes minutes on a CPU. Without a sign of life either looks hung, and the trainer's own output (a
+raw `{'loss': ...}` dictionary every few steps, several libraries' tqdm bars) says neither how far
+along it is nor how long is left. On a terminal (stderr is a TTY) each stage gets one `rich.progress`
+line: what it is (`[3/9] expert timer`), done/total, a status such as the loss, time spent and
+left. In CI, Modal logs or a redirected file a bar would be noise, so a plain INFO log line is
 written each time another tenth is done (and at the end).
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -30,6 +32,7 @@ class Progress:
         self.description = description
         self.total = max(0, int(total))
         self.done = 0
+        self.status = ""  # e.g. "loss 0.312": shown after the count
         self.bar = sys.stderr.isatty() if bar is None else bar
         self.steps = max(1, steps)
         self.log = logger or log
@@ -52,29 +55,45 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                      TextColumn("left"), TimeRemainingColumn(), console=Console(stderr=True))
             self._rich.start()
-            self._task = self._rich.add_task(self.description, total=self.total)
+            self._task = self._rich.add_task(self.description, total=self.total, status=self.status)
         return self
 
-    def advance(self, n: int = 1) -> None:
-        self.done += n
+    def advance(self, n: int = 1, status: str | None = None) -> None:
+        self.update(self.done + n, status)
+
+    def update(self, done: int, status: str | None = None) -> None:
+        """Set the count (a trainer resumed from a checkpoint starts past 0) and the status text."""
+        self.done = done
+        if status is not None:
+            self.status = status
         if self._rich is not None:
-            self._rich.update(self._task, completed=self.done)
+            self._rich.update(self._task, completed=self.done, status=self.status)
             return
         if not self.total:
             return
         reached = self.done * self.steps // self.total  # how many tenths are complete
         if reached >= self._next_step:
             self._next_step = reached + 1
-            self.log.info("%s: %d/%d (%d%%) in %.1f s", self.description, self.done, self.total,
-                          100 * self.done // self.total, time.perf_counter() - self._started)
+            elapsed = time.perf_counter() - self._started
+            left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            self.log.info("%s: %d/%d (%d%%)%s, %s spent, %s left", self.description, self.done, self.total,
+                          100 * self.done // self.total, f", {self.status}" if self.status else "",
+                          clock(elapsed), clock(left))
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
+
+
+def clock(seconds: float) -> str:
+    """`75.2` -> `1:15`: durations in the form people read."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 async def gather_limited(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency: int = 16,

@@ -22,6 +22,7 @@ from service.api.openai.router import router as openai_router
 from service.api.responses import ERROR_RESPONSES
 from service.api.route.router import router as route_router
 from service.base_model import resolve_base_model
+from service.build_status import BuildStatusReader, share_cpu_while_building, status_path
 from service.engine import create_engine
 from service.engine.base import Engine
 from service.metrics import Metrics
@@ -51,8 +52,10 @@ async def build_state(settings: Settings, engine: Engine | None = None) -> Servi
         router=Router.for_settings(engine, settings),
         metrics=Metrics(),
         admission=Admission(settings.max_queue),
+        build=BuildStatusReader(status_path(settings.registry)),
         created=int(time.time()),
     )
+    state.cpu_follower = asyncio.create_task(share_cpu_while_building(state.build, engine))
     state.ready = True
     log.info("ready: base model %s, %d adapters loaded, %d failed", base.name, len(manager.loaded),
              len(manager.failed))
@@ -61,6 +64,8 @@ async def build_state(settings: Settings, engine: Engine | None = None) -> Servi
 
 async def close_state(state: ServiceState) -> None:
     state.draining = True
+    if state.cpu_follower is not None:
+        state.cpu_follower.cancel()
     await state.adapters.stop()
     await state.engine.shutdown()
 

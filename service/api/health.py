@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -23,6 +23,7 @@ class ReadyResponse(BaseModel):
     base_model: str
     adapters_loaded: int
     adapters_failed: int
+    building: dict[str, Any] | None = None  # what a live build (loramux demo --serve) has still to register
 
 
 @router.get("/health", summary="The process is alive", response_model=HealthResponse)
@@ -44,6 +45,7 @@ async def ready(state: State) -> Response:
         "base_model": state.base.name,
         "adapters_loaded": len(state.adapters.loaded),
         "adapters_failed": len(state.adapters.failed),
+        "building": None if (build := state.build.current()) is None else build.to_json(),
     }
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 

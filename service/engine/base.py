@@ -189,3 +189,9 @@ class Engine(abc.ABC):
     def stats(self) -> dict[str, Any]:
         """Numbers for /metrics and /ready: queue depth, running sequences, batch size."""
         return {}
+
+    async def share_cpu(self, sharing: bool) -> None:
+        """Another heavy process (a demo training beside the server) wants this machine's cores:
+        use one CPU thread while `sharing`, the start-up count again after. Engines that do not
+        compute on this CPU ignore it."""
+        return None

@@ -64,6 +64,7 @@ class ModelCard(BaseModel):
     parent: str | None = None
     max_model_len: int | None = None
     permission: list[Any] = Field(default_factory=list)
+    status: Literal["serving", "building"] = "serving"  # building: a live build will register it soon
 
 
 class ModelList(BaseModel):

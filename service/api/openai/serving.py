@@ -145,7 +145,16 @@ async def _choice_for_model(state: ServiceState, model: str, messages: list[dict
 
 
 def list_models(state: ServiceState) -> dict:
-    """The adapter manager's served models as OpenAI model cards."""
+    """The adapter manager's served models as OpenAI model cards, then the names a live builder is
+    still training (`status: "building"`: asking for one is a 503 with Retry-After, not a 404)."""
     cards = [ModelCard(id=m.id, created=state.created, root=m.root, parent=m.parent, max_model_len=m.max_model_len)
              for m in state.adapters.models(model_name(state))]
+    building = state.build.current()
+    if building is not None:
+        listed = {card.id for card in cards}
+        coming = list(building.pending)
+        if any(p.kind == "router" for p in building.pending.values()):
+            coming.insert(0, AUTO_MODEL)  # routed requests wait for the router
+        cards += [ModelCard(id=name, created=state.created, root=name, parent=model_name(state), status="building")
+                  for name in coming if name not in listed]
     return ModelList(data=cards).model_dump()
