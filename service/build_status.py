@@ -68,6 +68,25 @@ class BuildState:
     pending: dict[str, Pending] = field(default_factory=dict)
     host: str = ""  # the builder's machine: one on this host competes with the server for its cores
 
+    def find(self, name: str | None = None, kind: str | None = None) -> Pending | None:
+        """The pending adapter called `name` (or the first of `kind`)."""
+        return next((p for p in self.pending.values()
+                     if (name is None or p.name == name) and (kind is None or p.kind == kind)), None)
+
+    def still_building(self, what: str, name: str | None = None, kind: str | None = None,
+                       param: str | None = None) -> ServiceUnavailableError | None:
+        """The 503 for a request that needs something this builder has not registered (or the
+        service not loaded) yet: it says what is being built and when to retry (`Retry-After`), or
+        None when `name` (or any adapter of `kind`) is not coming."""
+        pending = self.find(name, kind)
+        if pending is None:
+            return None
+        wait = pending.retry_after()
+        doing = ("is loading" if pending.registered else
+                 f"is still being built (stage {self.stage_index} of {self.stage_total}: {self.stage})")
+        return ServiceUnavailableError(f"{what} {doing}; retry in about {wait} s", param=param,
+                                       headers={"Retry-After": str(wait)})
+
     def to_json(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -137,26 +156,14 @@ class BuildStatusReader:
     def pending(self, name: str | None = None, kind: str | None = None) -> tuple[Pending, BuildState] | None:
         """The pending adapter called `name` (or the first of `kind`), with the builder's state."""
         state = self.current()
-        if state is None:
-            return None
-        for pending in state.pending.values():
-            if (name is None or pending.name == name) and (kind is None or pending.kind == kind):
-                return pending, state
-        return None
+        found = None if state is None else state.find(name, kind)
+        return None if found is None else (found, state)
 
     def still_building(self, what: str, name: str | None = None, kind: str | None = None,
                        param: str | None = None) -> ServiceUnavailableError | None:
-        """The 503 for a request that needs something a live builder has not registered yet: it
-        says what is being built and when to retry (`Retry-After`), or None when nothing is coming."""
-        found = self.pending(name, kind)
-        if found is None:
-            return None
-        pending, state = found
-        wait = pending.retry_after()
-        doing = ("is loading" if pending.registered else
-                 f"is still being built (stage {state.stage_index} of {state.stage_total}: {state.stage})")
-        return ServiceUnavailableError(f"{what} {doing}; retry in about {wait} s", param=param,
-                                       headers={"Retry-After": str(wait)})
+        """`BuildState.still_building` of the current build (None without one)."""
+        state = self.current()
+        return None if state is None else state.still_building(what, name, kind, param)
 
 
 class BuildStatusWriter:

@@ -196,9 +196,9 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
     state.metrics.route_confidence.observe(decision.confidence)
     if decision.fallback:
         state.metrics.route_fallbacks.inc()
-    if decision.adapter is not None and decision.adapter not in served:
-        later = state.build.still_building(f"the request was routed to {decision.adapter!r}, which",
-                                           decision.adapter, param=param)
+    if building is not None and decision.adapter is not None and decision.adapter not in served:
+        later = building.still_building(f"the request was routed to {decision.adapter!r}, which",
+                                        decision.adapter, param=param)
         if later is not None:
             state.metrics.route_decisions.labels(decision.adapter).inc()
             raise later
