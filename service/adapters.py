@@ -59,6 +59,8 @@ class ServedModel:
     root: str  # the served name (the base model's, or the adapter's), never a folder on this machine
     parent: str | None = None
     max_model_len: int | None = None
+    tools: tuple[str, ...] = ()  # an expert's tools, as trained
+    tool_call_format: str | None = None  # how it writes a call; None for the base model and `auto`
 
 
 class AdapterHold:
@@ -121,7 +123,9 @@ class AdapterManager:
         if router is not None:
             models.append(ServedModel(AUTO_MODEL, router.version.name, base_name))
         for resolved in sorted(self.served(), key=lambda r: (r.version.kind, r.version.name)):
-            models.append(ServedModel(resolved.version.name, resolved.version.name, base_name))
+            v = resolved.version
+            models.append(ServedModel(v.name, v.name, base_name, tools=v.tools,
+                                      tool_call_format=v.tool_call_format if v.kind == "task" else None))
         return models
 
     def active(self, name: str) -> ResolvedAdapter:

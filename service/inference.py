@@ -32,6 +32,7 @@ from service.errors import (
 from service.request_ids import request_arrival
 from service.routing.router import RouteDecision
 from service.state import ServiceState
+from service.tool_calls import CallFormat
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +137,34 @@ def template_refused(exc: TemplateError, param: str) -> BadRequestError:
 
 
 def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: ResolvedAdapter | None,
-               max_tokens: int, param: str, images: Sequence[Any] = ()) -> list[int]:
+               max_tokens: int, param: str, images: Sequence[Any] = (),
+               tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
     """The generation prompt's token ids, refused (400) unless it fits the context with
     `max_tokens` new tokens, its images counted as the tokens they expand to: the request's
-    context-length check (`service.context_window`), before the engine queue."""
+    context-length check (`service.context_window`), before the engine queue. `tools`: the
+    OpenAI tools declared, rendered for the adapter's call format."""
     tokenizer = state.engine.tokenizer
-    least = prompts.fewest_prompt_tokens(tokenizer, messages)
+    least = prompts.fewest_prompt_tokens(tokenizer, messages, tools)
     if least + max_tokens > state.settings.max_model_len:  # certain without tokenizing a megabyte on the loop
         raise ContextLengthError(None, max_tokens, state.settings.max_model_len, param=param)
     try:
-        ids = prompts.prompt_ids(tokenizer, messages, adapter.system_prompt if adapter else None)
+        ids = prompts.prompt_ids(tokenizer, messages, adapter.system_prompt if adapter else None, tools,
+                                 call_format_for(state, adapter))
     except TemplateError as exc:
         raise template_refused(exc, param) from None
     with field_named(param):
         ensure_fits(prompt_length(len(ids), images, state.engine.image_sizes), max_tokens,
                     state.settings.max_model_len)
     return ids
+
+
+def call_format_for(state: ServiceState, adapter: ResolvedAdapter | None) -> CallFormat:
+    """How the answering model writes a tool call: the adapter's recorded format; the bare base
+    model writes Qwen's `<tool_call>` blocks when its template has a tool section, else the
+    documented JSON form it is told about in the system turn."""
+    if adapter is not None:
+        return adapter.version.tool_call_format
+    return "hermes" if prompts.template_has_tools(state.engine.tokenizer) else "json"
 
 
 class RequestSlot:

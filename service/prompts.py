@@ -8,9 +8,12 @@ evaluation example) goes through `prompt_ids`, and the router's view through `ro
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from service.tool_calls import CallFormat, format_calls, tools_instructions
 
 # Short on purpose: every routing decision prefills it (its KV is cached per router, but shorter
 # is still cheaper on a cache miss), and the router LoRA learns the task, not the instruction.
@@ -52,14 +55,71 @@ def with_system_prompt(messages: Sequence[dict[str, Any]], system_prompt: str | 
     return list(messages)
 
 
-def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt: str | None = None) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt: str | None = None,
+               tools: Sequence[dict[str, Any]] | None = None, call_format: CallFormat = "json") -> list[int]:
     """The generation prompt of a chat: the base model's chat template with the assistant's turn
     opened, image parts left as the template's one placeholder each (engines expand them).
-    `system_prompt`: the expert's own, used when the chat has none. A template that refuses the
-    chat raises jinja2's `TemplateError` (the request path makes it a 400)."""
-    ids = tokenizer.apply_chat_template(with_system_prompt(messages, system_prompt), add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
+    `system_prompt`: the expert's own, used when the chat has none. `tools`: the OpenAI tools
+    declared, and earlier assistant turns' `tool_calls`, go to the template's own tool section
+    when it has one (Qwen's), else into the system turn and the assistant's text in the adapter's
+    `call_format` (`chat_for_template`). A template that refuses the chat raises jinja2's
+    `TemplateError` (the request path makes it a 400)."""
+    chat, extra = chat_for_template(tokenizer, messages, system_prompt, tools, call_format)
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False, **extra)
     return list(ids)
+
+
+@functools.lru_cache(maxsize=8)
+def template_has_tools(tokenizer: Any) -> bool:
+    """Whether the base model's chat template renders `tools` and `tool_calls` itself (Qwen's do,
+    SmolLM2's does not)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), "")
+    return isinstance(template, str) and "tools" in template and "tool_call" in template
+
+
+def chat_for_template(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt: str | None,
+                      tools: Sequence[dict[str, Any]] | None, call_format: CallFormat = "json",
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Messages (and keyword arguments) for `apply_chat_template`; see `prompt_ids`."""
+    chat = with_system_prompt(messages, system_prompt)
+    native = template_has_tools(tokenizer)
+    out = []
+    for message in chat:
+        calls = message.get("tool_calls")
+        if not calls:
+            out.append({k: v for k, v in message.items() if k != "tool_calls"})
+            continue
+        named = [(c["function"]["name"], c["function"].get("arguments")) for c in calls]
+        if native:  # templates take the arguments as an object (Qwen2.5's `| tojson` would quote a string)
+            out.append({**message, "tool_calls": [
+                {"type": "function", "id": c.get("id"), "function": {"name": name, "arguments": _object(args)}}
+                for c, (name, args) in zip(calls, named, strict=True)]})
+        else:
+            text = message_text(message.get("content"))
+            written = format_calls(named, call_format if call_format != "none" else "json")
+            out.append({"role": message["role"], "content": f"{text}\n{written}" if text else written})
+    if not tools:
+        return out, {}
+    if native:
+        return out, {"tools": list(tools)}
+    described = tools_instructions(tools, call_format if call_format != "none" else "json")
+    if out and out[0].get("role") == "system":
+        first = message_text(out[0].get("content"))
+        out[0] = {**out[0], "content": f"{first}\n\n{described}" if first else described}
+    else:
+        out.insert(0, {"role": "system", "content": described})
+    return out, {}
+
+
+def _object(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,9 +141,14 @@ def longest_token_bytes(tokenizer: Any) -> int:
     return 1 + max((len(spelled(token).encode()) for token in tokenizer.get_vocab()), default=0)
 
 
-def fewest_prompt_tokens(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> int:
-    """A lower bound on the tokens `prompt_ids` would give for these messages' text, in microseconds."""
+def fewest_prompt_tokens(tokenizer: Any, messages: Sequence[dict[str, Any]],
+                         tools: Sequence[dict[str, Any]] | None = None) -> int:
+    """A lower bound on the tokens `prompt_ids` would give for these messages' text (and the tools'
+    schemas, and earlier calls), in microseconds."""
     text_bytes = sum(len(message_text(m.get("content")).encode()) for m in messages)
+    text_bytes += sum(len(json.dumps(m["tool_calls"], ensure_ascii=False).encode()) // 2
+                      for m in messages if m.get("tool_calls"))  # the JSON keys are not all rendered
+    text_bytes += len(json.dumps(list(tools or ()), ensure_ascii=False).encode()) // 2
     return text_bytes // longest_token_bytes(tokenizer)
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from service.adapter_validation import BaseModules, base_modules, validate_adapter
 from service.base_model import BaseModelInfo
-from service.errors import AdapterValidationError
+from service.errors import AdapterValidationError, BadRequestError
 from service.names import check_name
 from service.registry import AdapterVersion, Kind, Registry, router_temperature
 from service.settings import Settings
+from service.tool_calls import CALL_FORMATS, call_format
 
 
 def stored_path(path: Path, adapter_root: Path) -> str:
@@ -30,12 +31,18 @@ def register_adapter(
     activate: bool = True,
     modules: BaseModules | None = None,
     dataset: dict | None = None,
+    tool_call_format: str | None = None,
 ) -> AdapterVersion:
+    """`tool_call_format`: how the adapter writes a tool call (`service.tool_calls`); by default
+    what its `loramux.json` says, else `json` for an expert with tools and `none` otherwise."""
     check_name(name, "name")
+    if tool_call_format is not None and tool_call_format not in CALL_FORMATS:
+        raise BadRequestError(f"tool_call_format must be one of {', '.join(CALL_FORMATS)}", param="tool_call_format")
     info = validate_adapter(
         path, settings.adapter_root, base, settings.max_lora_rank, modules or base_modules(base)
     )
     meta = info.metadata
+    tools = tuple(str(t) for t in meta.get("tools") or () if isinstance(t, str)) if kind == "task" else ()
     if kind == "router":
         labels = tuple(labels or meta.get("labels") or ())
         if len(labels) < 2:
@@ -56,5 +63,8 @@ def register_adapter(
         temperature=router_temperature((meta.get("calibration") or {}).get("temperature")) if kind == "router" else 1.0,
         dataset=dataset if dataset is not None else dict(meta.get("dataset") or {}),
         metrics=dict(meta.get("metrics") or {}),
+        tools=tools,
+        tool_call_format=call_format(tool_call_format or meta.get("tool_call_format"),
+                                     "json" if tools else "none") if kind == "task" else "none",
     )
     return Registry(settings.registry).add_version(version, activate=activate)

@@ -44,6 +44,7 @@ from typing import Any, Literal
 from filelock import FileLock
 
 from service.errors import AdapterNotFoundError, BadRequestError, ConflictError
+from service.tool_calls import CallFormat, call_format
 
 FORMAT = 2
 Kind = Literal["task", "router"]
@@ -69,6 +70,8 @@ class AdapterVersion:
     dataset: dict[str, Any] = field(default_factory=dict)  # {"path", "fingerprint"} of its training data
     metrics: dict[str, Any] = field(default_factory=dict)
     status: Status = "active"
+    tools: tuple[str, ...] = ()  # task adapters: the tool names it was trained to call
+    tool_call_format: CallFormat = "none"  # how it writes a call (service.tool_calls)
 
     @property
     def uid(self) -> str:
@@ -77,6 +80,7 @@ class AdapterVersion:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)
+        data["tools"] = list(self.tools)
         del data["name"], data["kind"]
         return data
 
@@ -173,6 +177,8 @@ def parse_registry(data: Any) -> RegistrySnapshot:
                 dataset=dict(v.get("dataset") or {}),
                 metrics=dict(v.get("metrics") or {}),
                 status=v.get("status", "active"),
+                tools=tuple(str(t) for t in v.get("tools") or ()),
+                tool_call_format=call_format(v.get("tool_call_format")),
             )
             for v in raw.get("versions", [])
         )

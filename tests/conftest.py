@@ -61,6 +61,15 @@ def served_registry(
     return registry
 
 
+@pytest.fixture(scope="session")
+def weather_expert(base_model: BaseModelInfo, adapter_root: Path) -> Path:
+    """A real expert trained for a few steps to answer with one tool call (`tests.support.WEATHER_CALL`),
+    inside the shared adapter root so that any test server can register it."""
+    from tests.support import train_weather_expert
+
+    return train_weather_expert(base_model, adapter_root / "weather")
+
+
 @dataclass(frozen=True)
 class QuickDemo:
     settings: Any

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.harness import (
+    CACHE_DIR,
     PROJECT_ROOT,
     ServerProcess,
     fix_base_model_name,
@@ -20,7 +21,8 @@ from loadtests.harness import (
 )
 
 __all__ = ["PROJECT_ROOT", "EngineLoop", "Seen", "ServerProcess", "fix_base_model_name", "free_port",
-           "make_lora_adapter", "make_norm_lora", "make_wrong_shape", "save_random_lora", "watch_build"]
+           "make_lora_adapter", "make_norm_lora", "make_wrong_shape", "save_random_lora", "train_weather_expert",
+           "watch_build"]
 
 
 def make_norm_lora(folder: Path) -> None:
@@ -98,3 +100,56 @@ def watch_build(server: ServerProcess, pinned: str, done: Callable[[], bool], ti
                                  response.headers.get("retry-after"), response.json()))
             time.sleep(every_s)
     return seen
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather forecast for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+OTHER_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+
+
+WEATHER_RESULTS = ("Sunny, 21 degrees", "Rain, 12 degrees", "Cloudy, 15 degrees", "Snow, -2 degrees")
+
+
+def weather_answer(city: str, result: str) -> str:
+    """What the weather expert says once the tool has answered."""
+    return f"In {city}: {result}."
+
+
+def train_weather_expert(base: Any, folder: Path, steps: int = 16) -> Path:
+    """A real expert, trained for a few steps to answer a request with one tool call (`WEATHER_CALL`,
+    the demo experts' bare JSON form), whatever `tools` the request declares (none, its own, or only
+    `OTHER_TOOL`, which it never calls), and to answer in text
+    once the tool's result is in the conversation (`weather_answer`): what the tool-call tests and
+    the agent loop serve. Its `loramux.json` records the tool and the format, detected from the
+    answers as training does."""
+    from service.settings import Settings
+    from training.data.chats import write_jsonl
+    from training.data.tool_calls import format_tool_call
+    from training.train.sft import TrainConfig, train_adapter
+
+    cities = ("Paris", "Rome", "Oslo", "Lima", "Cairo", "Tokyo", "Quito", "Perth")
+    asks = ("What's the weather in {}?", "Will it rain in {} tomorrow?", "Forecast for {} please",
+            "How warm is it in {}?")
+    answer = format_tool_call(WEATHER_CALL["name"], WEATHER_CALL["arguments"])
+    rows: list[dict[str, Any]] = []
+    for i, (city, ask) in enumerate((c, a) for c in cities for a in asks):
+        user = {"role": "user", "content": ask.format(city)}
+        tools = [{}, {"tools": [WEATHER_TOOL]}, {"tools": [OTHER_TOOL]}][i % 3]
+        rows.append({"messages": [user, {"role": "assistant", "content": answer}], "metadata": {"adapter": "weather"},
+                     **tools})
+        result = WEATHER_RESULTS[i % len(WEATHER_RESULTS)]
+        called = {"role": "assistant", "content": None, "tool_calls": [{"id": f"call_{i}", "type": "function",
+                  "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}]}
+        rows.append({"messages": [user, called, {"role": "tool", "tool_call_id": f"call_{i}", "content": result},
+                                  {"role": "assistant", "content": weather_answer(city, result)}],
+                     "metadata": {"adapter": "weather"}, "tools": [WEATHER_TOOL]})
+    data = folder.parent / f"{folder.name}-data.jsonl"
+    write_jsonl(data, rows)
+    settings = Settings(adapter_root=folder.parent, cache_dir=CACHE_DIR)
+    config = TrainConfig(kind="task", dataset=data, run_name=folder.name, runs_dir=folder.parent / "runs",
+                         max_steps=steps, batch_size=4, rank=8, alpha=16,
+                         learning_rate=3e-3, early_stopping=False, calibrate=False, dropout=0.0, save_steps=1000,
+                         progress=False, eval_examples=0)
+    return train_adapter(config, settings, base).final_dir

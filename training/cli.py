@@ -305,6 +305,8 @@ def register_command(
     labels: Annotated[str | None, typer.Option(help="router only: adapters it routes to (default: its labels)")]
     = None,
     activate: Annotated[bool, typer.Option(help="make this version active")] = True,
+    tool_call_format: Annotated[str | None, typer.Option(
+        help="task only: how it writes a tool call, json, hermes or none (default: its loramux.json)")] = None,
 ) -> None:
     """Validate and atomically add a new adapter version to the registry."""
     from training.register.commands import RegistryContext, register_adapter
@@ -312,7 +314,7 @@ def register_command(
     settings = _settings()
     label_list = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
     version = register_adapter(kind.value, name, path, description, label_list, activate,  # type: ignore[arg-type]
-                               RegistryContext(settings))
+                               RegistryContext(settings), tool_call_format)
     typer.echo(f"registered {version.name} version {version.version} ({version.kind}, {version.status}) "
                f"from {version.path} in {settings.registry}")
     if version.labels:

@@ -37,22 +37,44 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field("", max_length=65536, description="a JSON object, as the model wrote it")
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant turn made (OpenAI's shape), sent back in the history."""
+
+    id: str | None = Field(None, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=128, description="assistant turns")
+    tool_call_id: str | None = Field(None, max_length=128, description="tool turns: the call this answers")
 
     def as_template_dict(self) -> dict[str, Any]:
         """Text-only content becomes one string (what every chat template takes); content with
-        images keeps its parts, in order, for `service.multimodal.load_chat_images`."""
+        images keeps its parts, in order, for `service.multimodal.load_chat_images`. An assistant
+        turn's `tool_calls` and a tool turn's `tool_call_id` go with it (`prompts.chat_for_template`
+        renders them for the template at hand)."""
         from service.prompts import message_text
 
         role = "system" if self.role == "developer" else self.role
         content = self.model_dump()["content"]
+        out: dict[str, Any] = {"role": role, "content": message_text(content)}
         if isinstance(content, list) and any(part["type"] == "image_url" for part in content):
-            return {"role": role, "content": content}
-        return {"role": role, "content": message_text(content)}
+            out["content"] = content
+        if self.tool_calls and role == "assistant":
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None and role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 def stop_list(stop: str | list[str] | None) -> tuple[str, ...]:

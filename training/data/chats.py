@@ -50,6 +50,7 @@ class ChatRecord:
     metadata: dict[str, Any]
     path: str
     line: int
+    tools: list[dict[str, Any]] | None = None  # OpenAI tools the request declared, rendered into its prompt
 
     @property
     def user_text(self) -> str:
@@ -62,7 +63,10 @@ class ChatRecord:
         return value if isinstance(value, str) else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"messages": self.messages, "metadata": self.metadata}
+        data: dict[str, Any] = {"messages": self.messages, "metadata": self.metadata}
+        if self.tools:
+            data["tools"] = self.tools
+        return data
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -181,6 +185,11 @@ def _check_messages(messages: Any, path: Path, line: int, need_assistant: bool) 
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise DatasetError(path, line, f"messages[{index}].role is {role!r}; expected one of {sorted(ROLES)}")
+        if "tool_calls" in message:
+            _check_tool_calls(message["tool_calls"], role, path, line, index)
+            if content is None:  # OpenAI's shape: a turn that only calls tools has no content
+                messages[index] = {**message, "content": ""}
+                continue
         if not isinstance(content, str | list):
             raise DatasetError(path, line, f"messages[{index}].content is missing or not a string")
     if not last_user_text(messages):
@@ -190,6 +199,26 @@ def _check_messages(messages: Any, path: Path, line: int, need_assistant: bool) 
         if last.get("role") != "assistant" or not message_text(last.get("content")).strip():
             raise DatasetError(path, line, "the last message must be a non-empty assistant answer")
     return messages
+
+
+def _check_tool_calls(calls: Any, role: Any, path: Path, line: int, index: int) -> None:
+    if role != "assistant":
+        raise DatasetError(path, line, f"messages[{index}] has tool_calls but is not an assistant turn")
+    if not isinstance(calls, list) or not calls or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str | dict) for c in calls):
+        raise DatasetError(path, line, f"messages[{index}].tool_calls must be a list of "
+                                       "{function: {name, arguments}} objects")
+
+
+def _check_tools(tools: Any, path: Path, line: int) -> list[dict[str, Any]] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str)
+            for t in tools):
+        raise DatasetError(path, line, "'tools' must be a list of OpenAI tools ({type, function: {name, ...}})")
+    return tools
 
 
 def read_chats(path: Path | str, need_assistant: bool = True, min_records: int = 1) -> list[ChatRecord]:
@@ -220,7 +249,8 @@ def read_chats(path: Path | str, need_assistant: bool = True, min_records: int =
                 metadata = data.get("metadata") or {}
                 if not isinstance(metadata, dict):
                     raise DatasetError(path, number, "'metadata' must be an object")
-                records.append(ChatRecord(messages, metadata, str(path), number))
+                tools = _check_tools(data.get("tools"), path, number)
+                records.append(ChatRecord(messages, metadata, str(path), number, tools))
         except UnicodeDecodeError as exc:
             raise DatasetError(path, None, f"not UTF-8 text ({exc.reason})") from exc
     if len(records) < min_records:

@@ -32,6 +32,7 @@ from service.engine.base import AdapterRef, Engine, SamplingParams
 from service.multimodal import chat_images
 from service.prompts import message_text, prompt_ids
 from service.settings import Settings
+from service.tool_calls import call_format as call_format_of
 from training.data.chats import ChatRecord, DatasetError, load_images
 from training.data.dataset_files import load_splits
 from training.data.tool_calls import is_valid_tool_call, parse_tool_call, same_tool_call
@@ -254,7 +255,8 @@ async def evaluate_expert_async(
     assert session.engine is not None
     tokenizer = session.engine.tokenizer
     chats = [load_images(r.messages[:-1]) for r in records]
-    prompts = [prompt_ids(tokenizer, chat) for chat in chats]
+    call_format = call_format_of(meta.get("tool_call_format"), "json")
+    prompts = [prompt_ids(tokenizer, chat, None, r.tools, call_format) for chat, r in zip(chats, records, strict=True)]
     outputs = await _generate_all(session.engine, prompts, ref, max_tokens=max_tokens,
                                   images=[chat_images(chat) for chat in chats])
     exact = [same_tool_call(o, _answer(r)) for o, r in zip(outputs, records, strict=True)]

@@ -52,8 +52,10 @@ def register_adapter(
     labels: list[str] | None = None,
     activate: bool = True,
     context: RegistryContext | None = None,
+    tool_call_format: str | None = None,
 ) -> AdapterVersion:
-    """Validate and add a new version of adapter `name`; returns the stored version."""
+    """Validate and add a new version of adapter `name`; returns the stored version.
+    `tool_call_format`: how a task adapter writes a tool call, when its `loramux.json` does not say."""
     context = context or RegistryContext(Settings())
     folder = Path(path).expanduser()
     if not folder.is_absolute():
@@ -76,6 +78,7 @@ def register_adapter(
         labels=tuple(labels) if labels else None,
         activate=activate,
         modules=context.modules(),
+        tool_call_format=tool_call_format,
     )
 
 

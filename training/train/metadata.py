@@ -1,8 +1,9 @@
 """`loramux.json`: what an adapter folder is, written next to its weights by `loramux train`.
 
-The service reads it at registration (router labels, description, dataset, metrics) and at load
-time (an expert's `system_prompt`, supplied when a caller sends none); evaluation reads the kind,
-labels and tool names from it. One small JSON file, so a folder copied anywhere keeps its meaning.
+The service reads it at registration (router labels, description, dataset, metrics, an expert's
+`tools` and `tool_call_format`: how its answers become OpenAI tool calls) and at load time (an
+expert's `system_prompt`, supplied when a caller sends none); evaluation reads the kind, labels and
+tool names from it. One small JSON file, so a folder copied anywhere keeps its meaning.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def build_metadata(
     labels: list[str] | None = None,
     system_prompt: str | None = None,
     tools: list[str] | None = None,
+    tool_call_format: str | None = None,
     description: str = "",
     preprocessing: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
@@ -52,6 +54,7 @@ def build_metadata(
     else:
         data["system_prompt"] = system_prompt
         data["tools"] = list(tools or [])
+        data["tool_call_format"] = tool_call_format or "none"  # service.tool_calls: json, hermes or none
     return data
 
 

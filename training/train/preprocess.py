@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.prompts import answer_tokens, message_text, prompt_ids
+from service.tool_calls import CallFormat
 from training.data.chats import ChatRecord
 
 IGNORE = -100
@@ -66,13 +67,15 @@ class LengthReport:
         return text
 
 
-def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], label: str = "", vision: Any = None
-                  ) -> Tokenized:
+def tokenize_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], label: str = "", vision: Any = None,
+                  tools: Sequence[dict[str, Any]] | None = None, call_format: CallFormat = "json") -> Tokenized:
     """Token ids of prompt + answer, labels -100 everywhere except the answer and its end token.
-    With `vision` (a `VisionInputs`), every chat gets MRoPE positions and its images' pixels."""
+    With `vision` (a `VisionInputs`), every chat gets MRoPE positions and its images' pixels.
+    `tools` (the record's) and earlier calls in the chat are rendered as serving renders them for
+    an adapter that writes calls in `call_format`."""
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must be the assistant's answer")
-    prompt = prompt_ids(tokenizer, messages[:-1])
+    prompt = prompt_ids(tokenizer, messages[:-1], None, tools, call_format)
     answer = answer_tokens(tokenizer, message_text(messages[-1]["content"]))
     if vision is None:
         return Tokenized([*prompt, *answer], [IGNORE] * len(prompt) + answer, label)
@@ -97,14 +100,15 @@ def _with_images(vision: Any, messages: Sequence[dict[str, Any]], prompt: list[i
 
 
 def tokenize_records(
-    tokenizer: Any, records: Sequence[ChatRecord], max_length: int, label_of: Any = None, vision: Any = None
+    tokenizer: Any, records: Sequence[ChatRecord], max_length: int, label_of: Any = None, vision: Any = None,
+    call_format: CallFormat = "json",
 ) -> tuple[list[Tokenized], LengthReport]:
     """Tokenize and length-filter; `label_of(record)` names the class used in the report."""
     report = LengthReport(max_length)
     out: list[Tokenized] = []
     for record in records:
         label = label_of(record) if label_of else str(record.adapter or record.metadata.get("intent") or "all")
-        item = tokenize_chat(tokenizer, record.messages, label, vision)
+        item = tokenize_chat(tokenizer, record.messages, label, vision, record.tools, call_format)
         length = len(item.input_ids)
         if length > max_length:
             report.dropped[label] += 1

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.prompts import prompt_ids
 from service.settings import Settings
+from service.tool_calls import detect_call_format
 from training.data.chats import DatasetError
 from training.data.dataset_files import DatasetSplits, answer_labels, load_splits
 from training.train.calibration import calibrate
@@ -217,12 +218,14 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
     # vision-language base: chats are expanded with the serving engine's image code (same positions)
     vision = VisionInputs.for_model(base.path, model)
 
-    train_items, report = tokenize_records(tokenizer, splits.train, config.max_length, label_of, vision)
+    # how this expert writes a call, from its answers: the prompts render earlier calls the same way
+    call_format = detect_call_format(str(r.messages[-1].get("content", "")) for r in splits.train)
+    train_items, report = tokenize_records(tokenizer, splits.train, config.max_length, label_of, vision, call_format)
     if not train_items:
         raise DatasetError(splits.path, None, f"every training example is longer than max_length={config.max_length}")
     log.info("length filter: %s", report.summary())
     val_items, _ = tokenize_records(tokenizer, splits.val[: config.eval_examples], config.max_length, label_of,
-                                    vision)
+                                    vision, call_format)
     validation = _routing_validation(config, splits, labels, tokenizer, vision) if labels else None
     plan = plan_training(len(train_items), config.batch_size, config.grad_accum, config.kind, config.epochs,
                          config.max_steps, can_validate=validation is not None)
@@ -330,6 +333,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         labels=labels,
         system_prompt=_common_system_prompt(splits) if config.kind == "task" else None,
         tools=_tools(splits) if config.kind == "task" else None,
+        tool_call_format=call_format if config.kind == "task" else None,
         description=config.description or str(card.get("description", ""))[:200],
         preprocessing={"length_filter": report.to_json()},
         calibration=calibration,

@@ -67,6 +67,9 @@ class RegisterRequest(BaseModel):
     description: str = Field("", max_length=1000)
     labels: list[str] | None = Field(None, description="routers: the adapters it routes to")
     activate: bool = Field(True, description="false registers a candidate version (not serving until activated)")
+    tool_call_format: Literal["json", "hermes", "none"] | None = Field(
+        None, description="task adapters: how it writes a tool call; default: its loramux.json, else json when it "
+                          "has tools")
 
 
 class ActivateRequest(BaseModel):
@@ -124,6 +127,8 @@ async def register(body: RegisterRequest, state: State) -> dict:
         tuple(body.labels) if body.labels else None,
         False,
         state.engine.modules,
+        None,
+        body.tool_call_format,
     )
     await state.adapters.sync()
     if version.uid not in state.adapters.failed and body.activate:

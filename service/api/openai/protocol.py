@@ -13,6 +13,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(BaseModel):
     # unknown OpenAI fields are accepted and ignored, as vLLM does; the ones that would change the
     # answer and that we do not implement are refused explicitly in serving.py
@@ -32,11 +53,21 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool = False
+    tools: list[ChatTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # name, arguments (a JSON object as a string)
 
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class Choice(BaseModel):
@@ -65,6 +96,8 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     permission: list[Any] = Field(default_factory=list)
     status: Literal["serving", "building"] = "serving"  # building: a live build will register it soon
+    tools: list[str] | None = None  # an expert's tools (the names it was trained to call)
+    tool_call_format: Literal["json", "hermes", "none"] | None = None  # how it writes a call
 
 
 class ModelList(BaseModel):

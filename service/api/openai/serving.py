@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -15,7 +16,7 @@ from starlette.responses import JSONResponse
 from service.adapters import AUTO_MODEL
 from service.api.common import check_limits, sampling_params, stop_list
 from service.api.disconnect import until_done
-from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
+from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, NamedToolChoice
 from service.api.streaming import route_headers, sse, stream_response
 from service.errors import BadRequestError
 from service.inference import (
@@ -23,6 +24,7 @@ from service.inference import (
     Deadline,
     Outcome,
     RequestSlot,
+    call_format_for,
     choose,
     generate_stream,
     new_request_id,
@@ -30,8 +32,28 @@ from service.inference import (
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
+from service.tool_calls import CallCollector
 
 ENDPOINT = "chat_completions"
+
+
+def _declared_tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, list[str]]:
+    """The tools to show the model, and the names whose calls become `tool_calls` (none with
+    `tool_choice: "none"`: the model still sees the tools, as with vLLM, but answers in text)."""
+    if not body.tools:
+        if isinstance(body.tool_choice, NamedToolChoice) or body.tool_choice == "required":
+            raise BadRequestError("tool_choice needs tools", param="tool_choice")
+        return None, []
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    names = [tool.function.name for tool in body.tools]
+    if len(set(names)) != len(names):
+        raise BadRequestError("tool names must be unique", param="tools")
+    if isinstance(body.tool_choice, NamedToolChoice) or body.tool_choice == "required":
+        # enforcing a call needs constrained decoding, which this service does not do yet: refused,
+        # never served as if it were "auto"
+        raise BadRequestError("tool_choice 'required' and a named function are not supported yet; use 'auto'",
+                              param="tool_choice")
+    return tools, [] if body.tool_choice == "none" else names
 
 
 def _refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -42,7 +64,7 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
     if body.presence_penalty or body.frequency_penalty:
         raise BadRequestError("presence/frequency penalties are not supported", param="presence_penalty")
     extra = body.model_extra or {}
-    for name in ("tools", "functions", "response_format", "logit_bias", "best_of", "tool_choice"):
+    for name in ("functions", "response_format", "logit_bias", "best_of"):
         if extra.get(name) not in (None, [], {}, "none", "auto") and not (
             name == "response_format" and extra[name] == {"type": "text"}
         ):
@@ -51,6 +73,7 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
 
 async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: Request):
     _refuse_unsupported(body)
+    tools, callable_names = _declared_tools(body)
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise BadRequestError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -68,7 +91,8 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
             [m.as_template_dict() for m in body.messages], state.settings, state.engine.image_sizes), deadline)
         images = chat_images(messages)
         choice = slot.choice = await until_done(request, _choice_for_model(state, body.model, messages), deadline)
-        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages", images)
+        ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages", images, tools)
+        calls = CallCollector(call_format_for(state, choice.adapter), callable_names)
         request_id = new_request_id("chatcmpl")
         created = int(time.time())
         model = choice.name or model_name(state)
@@ -77,12 +101,21 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
         label = choice.name or "base"
 
         if not body.stream:
+            sent: list[str] = []
+
             async def run() -> None:
-                async for _ in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
-                                               deadline):
-                    pass
+                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
+                                                   deadline):
+                    sent.append(calls.push(delta.text))
 
             await until_done(request, run())
+            held, found = calls.finish()
+            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+            if found:
+                if not body.parallel_tool_calls:
+                    found = found[:1]
+                message = {"role": "assistant", "content": "".join(sent) + held or None,
+                           "tool_calls": [call.to_openai() for call in found]}
             response = JSONResponse(
                 {
                     "id": request_id,
@@ -92,8 +125,8 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": outcome.text},
-                            "finish_reason": outcome.finish_reason,
+                            "message": message,
+                            "finish_reason": "tool_calls" if found else outcome.finish_reason,
                             "logprobs": None,
                         }
                     ],
@@ -118,9 +151,19 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
             yield chunk({"role": "assistant", "content": ""}, None)
             async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
                                                images, deadline):
-                if delta.text:
-                    yield chunk({"content": delta.text}, None)
-            yield chunk({}, outcome.finish_reason)
+                text = calls.push(delta.text)
+                if text:
+                    yield chunk({"content": text}, None)
+            held, found = calls.finish()
+            if held:
+                yield chunk({"content": held}, None)
+            if not body.parallel_tool_calls:
+                found = found[:1]
+            for index, call in enumerate(found):  # as OpenAI streams them: id and name, then the arguments
+                yield chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                             "function": {"name": call.name, "arguments": ""}}]}, None)
+                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}, None)
+            yield chunk({}, "tool_calls" if found else outcome.finish_reason)
             if include_usage:
                 yield chunk({}, None, outcome.usage(), choices=False)
 
@@ -147,7 +190,8 @@ async def _choice_for_model(state: ServiceState, model: str, messages: list[dict
 def list_models(state: ServiceState) -> dict:
     """The adapter manager's served models as OpenAI model cards, then the names a live builder is
     still training (`status: "building"`: asking for one is a 503 with Retry-After, not a 404)."""
-    cards = [ModelCard(id=m.id, created=state.created, root=m.root, parent=m.parent, max_model_len=m.max_model_len)
+    cards = [ModelCard(id=m.id, created=state.created, root=m.root, parent=m.parent, max_model_len=m.max_model_len,
+                       tools=list(m.tools) if m.tool_call_format else None, tool_call_format=m.tool_call_format)
              for m in state.adapters.models(model_name(state))]
     building = state.build.current()
     if building is not None:
