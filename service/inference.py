@@ -30,6 +30,7 @@ from service.errors import (
     ServiceUnavailableError,
 )
 from service.request_ids import request_arrival
+from service.request_record import current_record, note_adapter
 from service.routing.router import RouteDecision
 from service.state import ServiceState
 from service.tool_calls import CallFormat
@@ -142,8 +143,10 @@ def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: Res
     """The generation prompt's token ids, refused (400) unless it fits the context with
     `max_tokens` new tokens, its images counted as the tokens they expand to: the request's
     context-length check (`service.context_window`), before the engine queue. `tools`: the
-    OpenAI tools declared, rendered for the adapter's call format."""
+    OpenAI tools declared, rendered for the adapter's call format when it reads them
+    (`prompts.tools_to_show`)."""
     tokenizer = state.engine.tokenizer
+    tools = prompts.tools_to_show(tools, adapter is None or adapter.version.tools_in_prompt)
     least = prompts.fewest_prompt_tokens(tokenizer, messages, tools)
     if least + max_tokens > state.settings.max_model_len:  # certain without tokenizing a megabyte on the loop
         raise ContextLengthError(None, max_tokens, state.settings.max_model_len, param=param)
@@ -155,6 +158,26 @@ def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: Res
     with field_named(param):
         ensure_fits(prompt_length(len(ids), images, state.engine.image_sizes), max_tokens,
                     state.settings.max_model_len)
+    return ids
+
+
+def raw_prompt_ids(state: ServiceState, prompt: str | list[int], max_tokens: int, param: str) -> list[int]:
+    """A completions prompt's token ids, the text tokenized as it is (no chat template; the
+    tokenizer's own special tokens, as vLLM adds them) or the ids as given (each must be a token of
+    the vocabulary), under the same context-length rule as `prompt_ids`."""
+    tokenizer = state.engine.tokenizer
+    limit = state.settings.max_model_len
+    if isinstance(prompt, str):
+        if len(prompt.encode()) // prompts.longest_token_bytes(tokenizer) + max_tokens > limit:
+            raise ContextLengthError(None, max_tokens, limit, param=param)  # certain without tokenizing it
+        ids = list(tokenizer(prompt, add_special_tokens=True).input_ids)
+    else:
+        ids, vocab = list(prompt), len(tokenizer)
+        if any(i >= vocab for i in ids):
+            raise BadRequestError(f"token ids must be below the vocabulary's size, {vocab}", param=param)
+    if not ids:
+        raise BadRequestError("the prompt must not be empty", param=param)
+    ensure_fits(len(ids), max_tokens, limit, param=param)
     return ids
 
 
@@ -174,11 +197,13 @@ class RequestSlot:
     def __init__(self, ticket: Any):
         self.ticket = ticket
         self.choice: Choice | None = None
+        self.more: list[Choice] = []  # the other prompts' choices (a /v1/completions list of prompts)
 
     def release(self) -> None:
         try:
-            if self.choice is not None:
-                self.choice.release()
+            for choice in (self.choice, *self.more):
+                if choice is not None:
+                    choice.release()
         finally:
             self.ticket.release()
 
@@ -223,6 +248,7 @@ async def route(state: ServiceState, messages: list[dict[str, Any]], param: str 
             chosen = None  # a fallback adapter that is gone: the base model is the safe answer
     # held from here (no await since the lookup) until the request ends
     choice = Choice(chosen, decision, router, manager.hold(chosen) if chosen else None)
+    note_adapter(choice.name or "base")
     try:
         state.metrics.route_decisions.labels(decision.adapter or "base").inc()
         await maybe_shadow(state, router, names, messages, decision)
@@ -313,6 +339,7 @@ async def choose(
             raise coming from None
         exc.param = param
         raise
+    note_adapter(resolved.version.name)
     return Choice(resolved, hold=state.adapters.hold(resolved))
 
 
@@ -332,13 +359,21 @@ async def generate_stream(
     The caller holds an admission slot. Closing this iterator aborts the engine request; when it
     ends, however it ends, the choice's adapter hold is released. `deadline`: the request's
     (`Deadline.for_request`, from its arrival); by default one that starts now. `param`: the field
-    the prompt came from, named in an engine's refusal."""
+    the prompt came from, named in an engine's refusal. Latencies in `/metrics` run from the
+    request's arrival (see `service.metrics`), labelled by the route's template when a request is
+    being served (`endpoint` otherwise); `outcome.timings` from the generation's start."""
     metrics = state.metrics
     label = choice.name or "base"
+    note_adapter(label)
     started = time.perf_counter()
+    record = current_record.get()
+    endpoint = record.endpoint if record is not None else endpoint
+    arrived = request_arrival.get() or started
+    metrics.queue_time.labels(label).observe(started - arrived)
     outcome.prompt_tokens = len(ids)
     metrics.prompt_tokens.labels(label).inc(len(ids))
     first = True
+    last_token_at = started
     deadline = deadline or Deadline(started + state.settings.request_timeout_s, state.settings.request_timeout_s)
     async with state.adapters.use(choice.adapter):
         stream = state.engine.generate(request_id, ids, choice.adapter.ref if choice.adapter else None, params,
@@ -350,11 +385,17 @@ async def generate_stream(
                         delta = await deadline.run(anext(stream))
                 except StopAsyncIteration:
                     break
+                now = time.perf_counter()
+                new_tokens = delta.completion_tokens - outcome.completion_tokens
                 if first:
-                    outcome.timings["ttft_ms"] = (time.perf_counter() - started) * 1000
-                    metrics.ttft.labels(label).observe(outcome.timings["ttft_ms"] / 1000)
+                    outcome.timings["ttft_ms"] = (now - started) * 1000
+                    metrics.ttft.labels(endpoint, label).observe(now - arrived)
                     first = False
-                metrics.generated_tokens.labels(label).inc(delta.completion_tokens - outcome.completion_tokens)
+                elif new_tokens > 0:
+                    metrics.inter_token.labels(label).observe(now - last_token_at)
+                if new_tokens > 0:
+                    last_token_at = now
+                metrics.generated_tokens.labels(label).inc(new_tokens)
                 outcome.completion_tokens = delta.completion_tokens
                 outcome.text += delta.text
                 if delta.finish_reason:
@@ -367,5 +408,10 @@ async def generate_stream(
                 await stream.aclose()
             finally:
                 choice.release()
-            outcome.timings["generate_ms"] = (time.perf_counter() - started) * 1000
-            metrics.latency.labels(endpoint, label).observe(time.perf_counter() - started)
+            ended = time.perf_counter()
+            outcome.timings["generate_ms"] = (ended - started) * 1000
+            metrics.e2e_latency.labels(endpoint, label).observe(ended - arrived)
+            metrics.prompt_tokens_hist.labels(label).observe(outcome.prompt_tokens)
+            metrics.generation_tokens_hist.labels(label).observe(outcome.completion_tokens)
+            if outcome.finish_reason:
+                metrics.finished.labels(label, outcome.finish_reason).inc()

@@ -69,6 +69,18 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], system_prompt
     return list(ids)
 
 
+def tools_to_show(tools: Sequence[dict[str, Any]] | None, tools_in_prompt: bool
+                  ) -> Sequence[dict[str, Any]] | None:
+    """The declared tools to render into an adapter's prompt: all of them for an adapter whose
+    training prompts described tools (and for adapters trained elsewhere, as vLLM renders them), none
+    for an expert trained on bare requests. Such an expert knows its tools by heart, and a block of
+    schemas it never saw in training only derails it (the demo experts, trained without them: 100%
+    valid calls without, 64-97% with them declared). The declared tools still decide which calls
+    become `tool_calls`, and `tool_choice` still constrains the answer: only the prompt differs.
+    The same rule in serving and in evaluation."""
+    return tools if tools_in_prompt else None
+
+
 @functools.lru_cache(maxsize=8)
 def template_has_tools(tokenizer: Any) -> bool:
     """Whether the base model's chat template renders `tools` and `tool_calls` itself (Qwen's do,

@@ -66,5 +66,6 @@ def register_adapter(
         tools=tools,
         tool_call_format=call_format(tool_call_format or meta.get("tool_call_format"),
                                      "json" if tools else "none") if kind == "task" else "none",
+        tools_in_prompt=meta.get("tools_in_prompt", True) is not False,
     )
     return Registry(settings.registry).add_version(version, activate=activate)

@@ -72,6 +72,9 @@ class AdapterVersion:
     status: Status = "active"
     tools: tuple[str, ...] = ()  # task adapters: the tool names it was trained to call
     tool_call_format: CallFormat = "none"  # how it writes a call (service.tool_calls)
+    # task adapters: whether its training prompts described the tools a request declares; False (an
+    # expert trained on bare requests) keeps them out of its prompt (service.prompts.tools_to_show)
+    tools_in_prompt: bool = True
 
     @property
     def uid(self) -> str:
@@ -179,6 +182,7 @@ def parse_registry(data: Any) -> RegistrySnapshot:
                 status=v.get("status", "active"),
                 tools=tuple(str(t) for t in v.get("tools") or ()),
                 tool_call_format=call_format(v.get("tool_call_format")),
+                tools_in_prompt=v.get("tools_in_prompt", True) is not False,
             )
             for v in raw.get("versions", [])
         )

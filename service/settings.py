@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(128, ge=1)
     max_messages: int = Field(64, ge=1)
     max_stop: int = Field(8, ge=0, description="most stop strings per request")
+    max_choices: int = Field(16, ge=1, description="most generations per request: n (times the prompts of "
+                             "a /v1/completions list)")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together")
     max_prefill_tokens: int = Field(512, ge=1, description="hf engine: prompt tokens prefilled in one step")

@@ -150,6 +150,27 @@ def tools_instructions(tools: Sequence[dict[str, Any]], fmt: CallFormat) -> str:
     return "\n".join([f"Tools you can call; to call one, {how}:", *lines])
 
 
+def forced_call_grammar(tools: Sequence[dict[str, Any]], allowed: Sequence[str], fmt: CallFormat,
+                        parallel: bool) -> str:
+    """An EBNF grammar whose every sentence is a call of one of the `allowed` tools with arguments that
+    match its JSON schema, written in the adapter's format (`none` writes `json`), so that
+    `CallCollector` reads it back as `tool_calls`: `tool_choice` "required" or a named function,
+    enforced by structured output, the same grammar on both engines. `json`: the bare call object,
+    or with `parallel` also a non-empty list of them; `hermes`: one `<tool_call>` block, or with
+    `parallel` one or more. The JSON is compact, as `format_calls` and training write it. Raises
+    ValueError when a tool's schema cannot be enforced."""
+    from service.engine.grammar import json_schema_ebnf, wrapped_ebnf
+
+    schemas = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"} for tool in tools}
+    calls = [{"type": "object", "properties": {"name": {"const": name},
+                                               "arguments": {"type": "object", **schemas[name]}},
+              "required": ["name", "arguments"]} for name in allowed]
+    one: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if fmt == "hermes":
+        return wrapped_ebnf(json_schema_ebnf(one), f"{HERMES_OPEN}\n", f"\n{HERMES_CLOSE}", "\n" if parallel else None)
+    return json_schema_ebnf({"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]} if parallel else one)
+
+
 class CallCollector:
     """A generation's text in, the content to send out as it comes, and at the end its calls: the
     one rule for streamed and whole answers. Text that may still become a call is held back (a

@@ -129,3 +129,60 @@ def test_new_version_rollback_and_remove_without_restart(setup, base_model):
     assert beta.removed and [v.version for v in beta.versions] == [1]
     assert admin(server, "POST", "/admin/adapters/beta/restore", json={}).json()["active_version"] == 1
     assert gen(server, "beta").status_code == 200
+
+
+# ---- vLLM's runtime LoRA endpoints (issue 15): aliases of POST /admin/adapters and DELETE ------------
+def vllm_call(server, path: str, body: dict, key: str = ADMIN) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def test_a_vllm_users_lora_script_runs_unchanged(setup, task_adapters):
+    """vLLM's script as its users run it (load with an absolute path, chat with model=lora_name,
+    unload), answered as vLLM answers; underneath, the registry's rules: versions, retire not delete."""
+    import openai
+
+    server, root, registry, _ = setup
+    shutil.copytree(task_adapters["gamma"], root / "gamma-ft")
+    load = {"lora_name": "gamma-ft", "lora_path": str(root / "gamma-ft")}
+    r = vllm_call(server, "/v1/load_lora_adapter", load)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'gamma-ft' added successfully.", r.text
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=USER, max_retries=0, timeout=120)
+    chat = {"model": "gamma-ft", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert client.chat.completions.create(**chat).model == "gamma-ft"
+
+    again = vllm_call(server, "/v1/load_lora_adapter", load)  # vLLM's rule: serving already, no load_inplace
+    assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name", again.text
+    inplace = vllm_call(server, "/v1/load_lora_adapter", {**load, "load_inplace": True})
+    assert inplace.status_code == 200, inplace.text
+    assert Registry(registry).load().task("gamma-ft").version == 2  # a new version, not an overwrite
+
+    r = vllm_call(server, "/v1/unload_lora_adapter", {"lora_name": "gamma-ft"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'gamma-ft' removed successfully.", r.text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(**chat)
+    entry = Registry(registry).load().entries["gamma-ft"]  # retired, its history kept
+    assert entry.removed and [v.version for v in entry.versions] == [1, 2]
+    gone = vllm_call(server, "/v1/unload_lora_adapter", {"lora_name": "gamma-ft"})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name", gone.text
+
+    assert vllm_call(server, "/v1/load_lora_adapter", load).status_code == 200  # back, numbering goes on
+    assert Registry(registry).load().task("gamma-ft").version == 3
+    assert vllm_call(server, "/v1/unload_lora_adapter", {"lora_name": "gamma-ft"}).status_code == 200
+
+
+def test_vllm_lora_endpoints_refuse_as_the_admin_api_does(setup):
+    """A path outside the root or missing, an unknown name, a missing field: our error body with
+    vLLM's field names; and only an admin key may call them."""
+    server, *_ = setup
+    for path, reason in (("/etc", "outside the adapter root"), ("missing", "does not exist")):
+        r = vllm_call(server, "/v1/load_lora_adapter", {"lora_name": "bad-path", "lora_path": path})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert reason in error["message"] and error["param"] == "lora_path" and error["request_id"], error
+    r = vllm_call(server, "/v1/unload_lora_adapter", {"lora_name": "never-registered"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "lora_name", r.text
+    r = vllm_call(server, "/v1/load_lora_adapter", {"lora_name": "no-path"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", r.text
+    assert vllm_call(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "alpha"}, USER).status_code == 403
+    assert httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "alpha"}).status_code == 401
+    assert "bad-path" not in Registry(setup[2]).load().entries and gen(server, "alpha").status_code == 200

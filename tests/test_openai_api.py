@@ -133,13 +133,14 @@ def test_errors_are_the_clients_exceptions(client):
         client.chat.completions.create(model="no-such-adapter", messages=MESSAGES)
     assert missing.value.body["param"] == "model"
     with pytest.raises(openai.BadRequestError) as bad_n:
-        client.chat.completions.create(model="alpha", messages=MESSAGES, n=2)
+        client.chat.completions.create(model="alpha", messages=MESSAGES, n=17)  # over LORAMUX_MAX_CHOICES
     assert bad_n.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=0)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="alpha", messages=[])
-    with pytest.raises(openai.BadRequestError) as forced:  # a call cannot be enforced yet (tests/test_tool_calls.py)
-        client.chat.completions.create(model="alpha", messages=MESSAGES, tool_choice="required", tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError) as forced:  # a named function that is not among the tools
+        client.chat.completions.create(model="alpha", messages=MESSAGES, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}})
     assert forced.value.body["param"] == "tool_choice"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,12 @@ def tool_server(weather_expert: Path, task_adapters: dict[str, Path], adapter_ro
                                        early_stopping=False, calibrate=False, dropout=0.0, save_steps=1000,
                                        progress=False, eval_examples=0), settings, base_model).final_dir
     register_adapter(settings, base_model, "task", "weather", weather_expert)
+    # the same weights, recorded as an expert trained on bare requests (as the demo experts are)
+    bare = adapter_root / "weather-bare"
+    shutil.copytree(weather_expert, bare, dirs_exist_ok=True)
+    meta = json.loads((bare / "loramux.json").read_text())
+    (bare / "loramux.json").write_text(json.dumps({**meta, "tools_in_prompt": False}))
+    register_adapter(settings, base_model, "task", "weather-bare", bare)
     register_adapter(settings, base_model, "task", "alpha", task_adapters["alpha"])
     register_adapter(settings, base_model, "router", "router", router, labels=("weather", "alpha"))
     env = {"LORAMUX_REGISTRY": str(settings.registry), "LORAMUX_ADAPTER_ROOT": str(adapter_root),
@@ -215,6 +222,23 @@ def test_a_streamed_call_arrives_as_tool_call_deltas(tool_client: openai.OpenAI)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_an_expert_trained_without_tools_is_served_without_them(tool_client: openai.OpenAI) -> None:
+    """An expert whose training prompts carried tools reads them (its prompt grows by their schemas);
+    one trained on bare requests gets the same prompt with or without them, so its answer cannot
+    change, and its call of a declared tool still comes back as `tool_calls`."""
+    def asked(model: str, **kwargs: Any) -> Any:
+        return tool_client.chat.completions.create(model=model, messages=ASK, max_tokens=32, temperature=0, **kwargs)
+
+    reads, plain = asked("weather", tools=[WEATHER_TOOL, OTHER_TOOL]), asked("weather")
+    assert reads.usage.prompt_tokens > plain.usage.prompt_tokens + 20
+    bare, bare_plain = asked("weather-bare", tools=[WEATHER_TOOL, OTHER_TOOL]), asked("weather-bare")
+    assert bare.usage.prompt_tokens == bare_plain.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert json.loads(bare_plain.choices[0].message.content) == WEATHER_CALL
+    assert bare.choices[0].finish_reason == "tool_calls"
+    assert bare.choices[0].message.tool_calls[0].function.name == WEATHER_CALL["name"]
+    assert json.loads(bare.choices[0].message.tool_calls[0].function.arguments) == WEATHER_CALL["arguments"]
+
+
 def test_a_call_of_an_undeclared_tool_stays_text(tool_client: openai.OpenAI) -> None:
     for kwargs in ({"tools": [OTHER_TOOL]}, {"tools": [WEATHER_TOOL], "tool_choice": "none"}):
         choice = _ask(tool_client, **kwargs).choices[0]
@@ -223,6 +247,40 @@ def test_a_call_of_an_undeclared_tool_stays_text(tool_client: openai.OpenAI) -> 
         streamed = list(_ask(tool_client, stream=True, **kwargs))
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == choice.message.content
         assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+TIMER_TOOL = {"type": "function", "function": {"name": "set_timer", "parameters": {
+    "type": "object", "properties": {"minutes": {"type": "integer"}}, "required": ["minutes"],
+    "additionalProperties": False}}}
+
+
+def test_a_forced_call_is_a_valid_call_even_of_a_tool_the_expert_never_learned(tool_client: openai.OpenAI) -> None:
+    """`tool_choice` named, or "required" with only that tool declared: structured output makes the
+    expert call `set_timer`, which it never learned (unconstrained it writes get_weather's call, and with
+    `tool_choice` "auto" that stays text), with arguments its schema allows; whole and streamed."""
+    import jsonschema
+
+    schema = TIMER_TOOL["function"]["parameters"]
+    free = _ask(tool_client, tools=[TIMER_TOOL]).choices[0]
+    assert free.finish_reason == "stop" and json.loads(free.message.content)["name"] == "get_weather"
+    for tools, tool_choice in (([WEATHER_TOOL, TIMER_TOOL], {"type": "function", "function": {"name": "set_timer"}}),
+                               ([TIMER_TOOL], "required")):
+        choice = _ask(tool_client, tools=tools, tool_choice=tool_choice).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, tool_choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "set_timer"
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        chunks = list(_ask(tool_client, tools=tools, tool_choice=tool_choice, stream=True))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        parts = [tc for d in deltas for tc in d.tool_calls or []]
+        assert not "".join(d.content or "" for d in deltas) and parts[0].function.name == "set_timer"
+        assert "".join(p.function.arguments or "" for p in parts) == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the tool it knows, required: the call it makes anyway, now certain
+    choice = _ask(tool_client, tools=[WEATHER_TOOL, TIMER_TOOL], tool_choice="required",
+                  parallel_tool_calls=False).choices[0]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", WEATHER_CALL["arguments"])]
 
 
 def test_a_history_with_a_call_and_its_result_reaches_the_model(tool_client: openai.OpenAI) -> None:
@@ -245,10 +303,13 @@ def test_given_the_tools_result_the_expert_answers_in_text(tool_client: openai.O
 
 
 def test_tool_requests_the_service_cannot_honour_are_refused(tool_client: openai.OpenAI) -> None:
-    cases = [({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
-             ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-              "tool_choice"),
+    cases = [({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+              "tool_choice"),  # a named function that is not declared
              ({"tool_choice": "required"}, "tool_choice"),
+             ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+              "tool_choice"),  # two constraints on one answer
+             ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+               "tool_choice": "required"}, "tools"),  # a schema that cannot be enforced
              ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, "tools")]
     for kwargs, param in cases:
         with pytest.raises(openai.BadRequestError) as caught:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tests.support import PROJECT_ROOT
@@ -15,6 +16,7 @@ from training.data.chats import DatasetError, normalize_text, read_chats
 from training.data.sources import hass, timeparse
 from training.data.task_datasets import build_task_datasets
 from training.data.tool_calls import CALENDAR_TOOL, is_valid_tool_call, parse_tool_call
+from training.data.tool_schemas import tool_schemas
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,29 @@ def test_task_dataset_folders(tmp_path: Path) -> None:
         assert sum(len(rows) for rows in splits.values()) == 60 == len(read_chats(data.all_file))
         card = json.loads((data.path / "card.json").read_text())
         assert card["sources"][0]["license"] in {"Apache-2.0", "MIT"} and card["tools"] == data.tools
+        # the tools an agent would declare: one per tool the answers call, and every answer fits its schema
+        schemas = {t["function"]["name"]: t["function"] for t in card["tool_schemas"]}
+        assert card["tool_schemas"] == data.tool_schemas and set(schemas) <= set(data.tools)
+        for record in read_chats(data.all_file):
+            call = parse_tool_call(record.messages[-1]["content"])
+            jsonschema.validate(call["arguments"], {**schemas[call["name"]]["parameters"],
+                                                    "additionalProperties": False})
     assert built["timer"].system_prompt and built["calendar"].system_prompt is None
+    timer_calls = {r.metadata["intent"] for r in read_chats(built["timer"].all_file)}
+    assert {t["function"]["name"] for t in built["timer"].tool_schemas} == timer_calls
+
+
+def test_tool_schemas_type_every_argument_the_answers_pass() -> None:
+    answers = ['{"name": "HassLightSet", "arguments": {"brightness": 50, "name": "desk lamp"}}',
+               '{"name": "HassLightSet", "arguments": {"brightness": 12.5, "color": "red"}}',
+               '{"name": "resolve_time", "arguments": {"value": "2019"}}', "not a call"]
+    tools = tool_schemas(answers)
+    assert [t["function"]["name"] for t in tools] == ["HassLightSet", "resolve_time"]
+    light = tools[0]["function"]
+    assert light["description"] == "Light set"
+    assert light["parameters"]["properties"] == {"brightness": {"type": ["integer", "number"]},
+                                                 "color": {"type": "string"}, "name": {"type": "string"}}
+    assert tools[1]["function"]["description"] == "Resolve time"
 
 
 def _write(path: Path, lines: list[str]) -> Path:

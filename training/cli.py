@@ -221,6 +221,9 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(help="report folder (default reports/eval_<name>_<timestamp>)")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the JSON report instead of tables")] = False,
+    with_tools: Annotated[bool, typer.Option(
+        "--with-tools", help="task: every request declares the expert's tools (the dataset card's tool_schemas), "
+                             "as an agent framework sends them")] = False,
 ) -> None:
     """Router (accuracy, P/R/F1, confusion, invalid names, calibration), expert, or stacked evaluation
     (routing accuracy, end-to-end, oracle and base scores, where the gap goes, per expert)."""
@@ -244,7 +247,8 @@ def eval_command(
         async with EngineSession(settings) as session:
             if kind_name == "router":
                 return await evaluate_router_async(session, path, dataset, candidates, split, limit)
-            return await evaluate_expert_async(session, path, dataset, None, split, limit)
+            declared = _card_tool_schemas(dataset) if with_tools else None
+            return await evaluate_expert_async(session, path, dataset, None, split, limit, declared_tools=declared)
 
     evaluation = asyncio.run(run())
     tag = name or (path.parent.name if path.name == "final" else path.name)
@@ -255,6 +259,15 @@ def eval_command(
     else:
         typer.echo(report_text(evaluation.report))
         typer.echo("\nreport: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _card_tool_schemas(dataset: Path) -> list[dict[str, Any]]:
+    """The OpenAI tools a task dataset's card records (`loramux dataset experts` writes them)."""
+    card = (dataset if dataset.is_dir() else dataset.parent) / "card.json"
+    schemas = json.loads(card.read_text()).get("tool_schemas") if card.is_file() else None
+    if not schemas:
+        raise typer.BadParameter(f"{card} records no tool_schemas", param_hint="--with-tools")
+    return list(schemas)
 
 
 def _eval_stacked(settings: Any, dataset: Path, split: str, limit: int | None, router: str | None,

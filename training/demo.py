@@ -39,6 +39,7 @@ from training.train.sft import TrainConfig, train_adapter
 
 ROUTER_NAME = "router"
 STACKED = "stacked"  # the report of the whole pipeline: route, answer with the chosen expert, score
+WITH_TOOLS = "with_tools"  # an expert's report on the same requests with its tools declared
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,11 @@ async def _evaluate(settings: Settings, base: BaseModelInfo, plan: DemoPlan, fin
         for name, data in tasks.items():
             expert = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
                                                  max_tokens=plan.expert_max_tokens)
-            out[name] = expert.report
+            # the same requests as an agent framework sends them, with the expert's tools declared
+            declared = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
+                                                   max_tokens=plan.expert_max_tokens,
+                                                   declared_tools=data.tool_schemas)
+            out[name] = {**expert.report, WITH_TOOLS: declared.report}
         setup = setup_from_folders(router_folder_spec(finals[ROUTER_NAME], ROUTER_NAME),
                                    {name: finals[name] for name in tasks})
         stacked = await evaluate_stacked_async(session, setup, routing_path, limit=plan.stacked_eval_limit,
@@ -281,11 +286,14 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
             "ece": round(report["calibration"]["ece"], 4),
             "brier": round(report["calibration"]["brier"], 4),
         }
-    return {
+    headline = {
         "examples": report["examples"],
         "exact_match": round(report["exact_match"], 4),
         "valid_tool_call_rate": round(report["valid_tool_call_rate"], 4),
     }
+    if WITH_TOOLS in report:
+        headline[WITH_TOOLS] = _headline(report[WITH_TOOLS])
+    return headline
 
 
 def summary_lines(summary: dict[str, Any], report_dir: Path) -> list[str]:
@@ -298,8 +306,13 @@ def summary_lines(summary: dict[str, Any], report_dir: Path) -> list[str]:
         f"{pct(router['free_generation_invalid_name_rate'])}), ECE {router['ece']:.3f}",
     ]
     for name, expert in summary["experts"].items():
-        lines.append(f"  {name:8s} valid tool calls {pct(expert['valid_tool_call_rate'])}, "
-                     f"exact match {pct(expert['exact_match'])} on {expert['examples']} examples")
+        line = (f"  {name:8s} valid tool calls {pct(expert['valid_tool_call_rate'])}, "
+                f"exact match {pct(expert['exact_match'])} on {expert['examples']} examples")
+        declared = expert.get(WITH_TOOLS)
+        if declared:
+            line += (f"; with its tools declared {pct(declared['valid_tool_call_rate'])}, "
+                     f"{pct(declared['exact_match'])}")
+        lines.append(line)
     stacked = summary.get(STACKED)
     if stacked:
         outcomes = stacked["outcomes"]

@@ -52,7 +52,7 @@ ENV_PREFIX = "LORAMUX_MODAL_"
 # and the image-URL private-address escape hatch.
 FORWARDED_SETTINGS = frozenset({
     "base_model_name", "max_lora_rank", "registry_poll_s", "metrics_public", "cors_origins",
-    "max_tokens_limit", "default_max_tokens", "max_messages", "max_stop", "max_body_bytes",
+    "max_tokens_limit", "default_max_tokens", "max_messages", "max_stop", "max_choices", "max_body_bytes",
     "router_max_tokens", "router_max_prompt_tokens", "shutdown_grace_s",
     "max_images", "max_image_bytes", "max_image_pixels", "allow_image_urls", "image_fetch_timeout_s",
     "image_decode_workers", "image_fetch_concurrency", "image_url_hosts",

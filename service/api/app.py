@@ -15,10 +15,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from service.adapters import AdapterManager
 from service.api import health
 from service.api.admin.router import router as admin_router
+from service.api.completions.router import router as completions_router
 from service.api.exceptions import install_exception_handlers
 from service.api.generate.router import router as generate_router
+from service.api.lora.router import router as lora_router
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware
 from service.api.openai.router import router as openai_router
+from service.api.request_metrics import RequestMetricsMiddleware
 from service.api.responses import ERROR_RESPONSES
 from service.api.route.router import router as route_router
 from service.base_model import resolve_base_model
@@ -50,7 +53,8 @@ async def build_state(settings: Settings, engine: Engine | None = None) -> Servi
         engine=engine,
         adapters=manager,
         router=Router.for_settings(engine, settings),
-        metrics=Metrics(),
+        # vLLM's own series (its Prometheus stat logger) on the same /metrics, for existing vLLM dashboards
+        metrics=Metrics(settings.max_model_len, "vllm:" if engine.name == "vllm" else None),
         admission=Admission(settings.max_queue),
         build=BuildStatusReader(status_path(settings.registry)),
         created=int(time.time()),
@@ -95,15 +99,18 @@ def create_app(settings: Settings | None = None, state: ServiceState | None = No
         responses=ERROR_RESPONSES,
     )
     install_exception_handlers(app)
-    for router in (health.router, route_router, generate_router, openai_router, admin_router):
+    for router in (health.router, route_router, generate_router, openai_router, completions_router, admin_router,
+                   lora_router):
         app.include_router(router)
-    # the last added runs first: request id, CORS (it answers preflights, and its headers reach a
-    # browser on 401s too), Host and keys, body limits, then routing
+    # the last added runs first: request id, the request counter (it sees every status, the guards'
+    # too), CORS (it answers preflights, and its headers reach a browser on 401s too), Host and keys,
+    # body limits, then routing
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(AuthMiddleware, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Loramux-Adapter", "X-Loramux-Route"])
+    app.add_middleware(RequestMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -4,9 +4,9 @@ applies it to every path before routing, and the route dependencies (`deps.Infer
 closed; both ask `authorize`, so they can never disagree.
 
 Deny by default once any key is set: inference routes take an inference or an admin key, admin
-routes only an admin key (an inference key there is a 403: it is a valid key without the right),
-and only /health and /ready (and /metrics with `LORAMUX_METRICS_PUBLIC`) are public. Keys are
-compared in constant time against every configured key."""
+routes (and vLLM's two LoRA endpoints) only an admin key (an inference key there is a 403: it is a
+valid key without the right), and only /health and /ready (and /metrics with
+`LORAMUX_METRICS_PUBLIC`) are public. Keys are compared in constant time against every configured key."""
 
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ from service.settings import Settings
 
 Access = Literal["public", "inference", "admin"]
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# vLLM's runtime LoRA endpoints, aliases of the admin API (`service.api.lora`): admin paths outside /admin
+VLLM_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
 def access_for_path(path: str, settings: Settings) -> Access:
     """What a path needs (for the guard that runs before routing)."""
     if path in PUBLIC_PATHS or (path == "/metrics" and settings.metrics_public):
         return "public"
-    return "admin" if path == "/admin" or path.startswith("/admin/") else "inference"
+    if path == "/admin" or path.startswith("/admin/") or path in VLLM_ADMIN_PATHS:
+        return "admin"
+    return "inference"
 
 
 def key_matches(presented: str, keys: list[str]) -> bool:

@@ -3,6 +3,7 @@ fields and their limits, and conversion to the engine's `SamplingParams`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,6 +121,34 @@ def sampling_params(
         stop=stop,
         seed=seed,
     )
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields chat and completions share beyond temperature and top_p: OpenAI's two
+    penalties and the ones vLLM takes as top-level body fields (`top_k`, `min_p`,
+    `repetition_penalty`), with vLLM's meanings and limits; null means the default, as on vLLM."""
+
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="once per token in the output")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="times the token's count in the output")
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                             description="over the prompt's and the output's tokens; 1 is off")
+    top_k: int | None = Field(None, ge=-1, description="the k most likely tokens; 0 or -1 is off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="relative to the most likely token; 0 is off")
+    ignore_eos: bool | None = Field(None, description="vLLM's: generate past end-of-sequence tokens until "
+                                                      "max_tokens or a stop string (benchmarks)")
+
+    def shape(self, params: SamplingParams, logprobs: int | None = None) -> SamplingParams:
+        """`params` with these fields, and `logprobs` (None: none; k: the chosen token's and the top k)."""
+        return replace(
+            params,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            logprobs=logprobs,
+            ignore_eos=bool(self.ignore_eos),
+        )
 
 
 class Usage(BaseModel):

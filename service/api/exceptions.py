@@ -24,13 +24,16 @@ HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error", 401: "authen
 UNMATCHED = "unmatched"
 
 
-def endpoint_label(request: Request) -> str:
-    """The matched route's template as a label (`admin_adapters_{name}`), or `unmatched`."""
-    route = request.scope.get("route")
-    template = getattr(route, "path", None)
+def template_label(template: object) -> str:
+    """A route template as a label (`/admin/adapters/{name}` -> `admin_adapters_{name}`), or `unmatched`."""
     if not isinstance(template, str):
         return UNMATCHED
     return template.strip("/").replace("/", "_") or "root"
+
+
+def endpoint_label(request: Request) -> str:
+    """The matched route's template as a label (`admin_adapters_{name}`), or `unmatched`."""
+    return template_label(getattr(request.scope.get("route"), "path", None))
 
 
 def _count(request: Request, error_type: str) -> None:

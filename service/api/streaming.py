@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from service.api.common import route_info
 from service.errors import LoramuxError, error_from_exception
 from service.inference import Choice
+from service.request_record import CLIENT_CLOSED, current_record, note_status
 
 if TYPE_CHECKING:
     from service.inference import RequestSlot
@@ -70,6 +71,8 @@ class EventStream(StreamingResponse):
         sender = asyncio.ensure_future(super().__call__(scope, receive, send))
         try:
             await asyncio.wait({producer, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and not producer.done():  # the client left before its stream ended
+                note_status(CLIENT_CLOSED)
             if not sender.done():  # generated: the client has a while to read the rest
                 await asyncio.wait({sender}, timeout=self.drain_timeout_s)
             if not sender.done():
@@ -90,17 +93,19 @@ class EventStream(StreamingResponse):
 def stream_response(state: ServiceState, endpoint: str, label: str, events: AsyncGenerator[str, None],
                     slot: RequestSlot, headers: dict[str, str]) -> EventStream:
     """The one way a generation becomes an SSE response, for every streaming endpoint: `events`
-    (the endpoint's own chunks) run under the request's slot, a success is counted, and an error
+    (the endpoint's own chunks) run under the request's slot, and an error
     after the status line (long sent) becomes one error event in the one error body; either way the
-    stream ends with `[DONE]`, so a client waiting for it is never left hanging."""
+    stream ends with `[DONE]`, so a client waiting for it is never left hanging. `label` (the
+    adapter's) is no longer used: the request path notes the adapter for the request counter."""
     async def guarded() -> AsyncIterator[str]:
         async with contextlib.aclosing(events):  # a stream closed early aborts its generation at once
             try:
                 async for event in events:
                     yield event
-                state.metrics.requests.labels(endpoint, label, "200").inc()
             except LoramuxError as exc:
-                state.metrics.errors.labels(endpoint, exc.error_type).inc()
+                record = current_record.get()  # the route template, as every other error is counted by
+                state.metrics.errors.labels(record.endpoint if record else endpoint, exc.error_type).inc()
+                note_status(exc.status_code)  # the request counter counts the error, not the 200 sent first
                 log.warning("stream ended by %d %s", exc.status_code, exc.message)
                 yield sse(error_from_exception(exc))
         yield DONE

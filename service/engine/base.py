@@ -74,23 +74,64 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the answer's text, the shape of vLLM's `StructuredOutputsParams`: exactly one
+    of the fields is set. The vLLM engine passes it to vLLM; the embedded engine compiles it with
+    xgrammar (the library vLLM uses) and masks each constrained row's logits at every step."""
+
+    json_schema: str | None = None  # a JSON schema, serialized (response_format json_schema, a forced tool call)
+    json_object: bool = False  # any JSON object (response_format json_object)
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF, as xgrammar and vLLM take it
+    # the request field it came from (response_format, structured_outputs, guided_json, tools, ...): an
+    # engine that refuses the constraint names it, a field the engine's caller cannot guess (not part
+    # of the constraint itself: equal constraints from different fields share one compiled grammar)
+    param: str = field(default="response_format", compare=False)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """What shapes one generation, the same fields and meanings as vLLM's `SamplingParams` so that
+    both engines answer alike (0 / 1.0 values switch a processor off)."""
+
     max_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0  # 0 (or -1): off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt and output tokens, as vLLM and transformers apply it
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely at its step
+    ignore_eos: bool = False  # go on past end-of-sequence tokens (benchmarks that want exact output lengths)
+    structured: StructuredOutput | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability (from the model's distribution before temperature and
+    penalties, as vLLM reports by default; after a structured-output mask, as in vLLM) and the `k`
+    most likely tokens at that step, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
 class TokenDelta:
     """One step of a generation: new text (may be empty while a stop string is still possible),
-    how many tokens were generated so far, and the finish reason on the last delta."""
+    how many tokens were generated so far, and the finish reason on the last delta. `logprobs`, when
+    the request asked for them, has one entry per id in `token_ids`."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine(abc.ABC):

@@ -25,6 +25,7 @@ from service.base_model import BaseModelInfo, load_base_model
 from service.context_window import ensure_fits
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
+from service.engine.grammar import GrammarCompiler
 from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.sampler import row_generator
 from service.engine.scheduler import Row, Scheduler
@@ -68,6 +69,7 @@ class EmbeddedEngine(Engine):
         self._thread: threading.Thread | None = None
         self._scheduler = Scheduler(settings, self._forward, 0, lambda name: name == BASE or name in self._adapters)
         self._eos: frozenset[int] = frozenset()
+        self._grammars: GrammarCompiler | None = None  # structured output: xgrammar, for this tokenizer
         self._prefix_cache: dict[tuple[str, tuple[int, ...]], Any] = {}
         self._threads = torch.get_num_threads()  # what `share_cpu(False)` goes back to
 
@@ -87,6 +89,10 @@ class EmbeddedEngine(Engine):
         self._vision = VisionInputs.for_model(self.base.path, model)
         self._modules = modules_of(model)
         self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
+        # the logits' width (the model's vocabulary, which may be padded beyond the tokenizer's) is the
+        # grammar masks' width; a complete grammar allows only the tokens that end a generation here
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._grammars = GrammarCompiler(self._tokenizer, vocab, self._eos)
         self._scheduler.pad_id = self._tokenizer.pad_token_id or 0
 
     async def share_cpu(self, sharing: bool) -> None:
@@ -214,6 +220,10 @@ class EmbeddedEngine(Engine):
         # the request path checked already (images counted by their size); this is the engine's own
         # guarantee, on the ids it will run, that no sequence outgrows the context while decoding
         ensure_fits(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
+        grammar = None
+        if params.structured is not None:  # compiled before the row is queued, off the engine thread
+            assert self._grammars is not None  # set by start()
+            grammar = await self._grammars.row_grammar(params.structured)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
         req = Row(
@@ -226,6 +236,7 @@ class EmbeddedEngine(Engine):
             generator=row_generator(params),
             vision=vision,
             rope_delta=vision.rope_delta if vision else 0,
+            grammar=grammar,
         )
         self._requests[request_id] = req
         self._scheduler.waiting.put(req)

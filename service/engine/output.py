@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from service.engine.base import FinishReason, SamplingParams, TokenDelta
+from service.engine.base import FinishReason, SamplingParams, TokenDelta, TokenLogprob
 from service.engine.text_stream import TextStream
 
 
@@ -33,7 +33,7 @@ class OutputBuilder:
 
     def __init__(self, tokenizer: Any, eos: frozenset[int], params: SamplingParams):
         self.stream = TextStream(tokenizer, params.stop)
-        self.eos = eos
+        self.eos = frozenset() if params.ignore_eos else eos  # vLLM's `ignore_eos`: only max_tokens or a stop string
         self.max_tokens = params.max_tokens
         self.generated = 0
         self.finish_reason: FinishReason | None = None
@@ -42,10 +42,12 @@ class OutputBuilder:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def step(self, token_ids: Sequence[int], engine_finish: FinishReason | None = None) -> TokenDelta | None:
+    def step(self, token_ids: Sequence[int], engine_finish: FinishReason | None = None,
+             logprobs: Sequence[TokenLogprob] = ()) -> TokenDelta | None:
         """Add an engine step's new tokens (one for the embedded engine, a few for vLLM). Tokens after
         the one that ends the generation are dropped. `engine_finish`: the engine ended the sequence
-        itself (vLLM's own length limit). None when the step releases nothing."""
+        itself (vLLM's own length limit). `logprobs`: the tokens' log-probabilities when the request
+        asked for them, one per token, kept for the tokens taken. None when the step releases nothing."""
         if self.finished:
             return None
         text, taken = "", []
@@ -69,4 +71,5 @@ class OutputBuilder:
             self.finish_reason = engine_finish
         if not (text or taken or self.finished):
             return None
-        return TokenDelta(text, self.generated, self.finish_reason if self.finished else None, taken)
+        return TokenDelta(text, self.generated, self.finish_reason if self.finished else None, taken,
+                          list(logprobs[: len(taken)]))

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from service.engine import kv_batch
-from service.engine.base import SamplingParams, TokenDelta
+from service.engine.base import SamplingParams, TokenDelta, TokenLogprob
+from service.engine.grammar import RowGrammar, TokenMask
+from service.engine.logprobs import StepLogprobs
 from service.engine.output import OutputBuilder
 from service.engine.sampler import sample
 from service.engine.vision import VisionPrompt, decode_positions
@@ -41,10 +43,12 @@ class Row:
     emit: Callable[[TokenDelta | BaseException], None]
     output: OutputBuilder
     generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)  # generated so far: the penalties read them
     position: int = 0
     aborted: bool = False
     vision: VisionPrompt | None = None  # images of a vision-language prompt, consumed by its prefill
     rope_delta: int = 0
+    grammar: RowGrammar | None = None  # structured output: the row's matcher, which masks its logits
 
 
 class Scheduler:
@@ -58,6 +62,7 @@ class Scheduler:
         self.running: list[Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
+        self.token_mask = TokenMask()  # structured output's one bitmask for the batch
         self.last_tokens: list[int] = []
         self.batch_size = 0
         self.steps = 0
@@ -121,6 +126,8 @@ class Scheduler:
         mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self.forward(new, input_ids, mask, positions, None)
+        self.token_mask.apply(logits, [r.grammar for r in new])  # as vLLM: before logprobs and sampling
+        logprobs = StepLogprobs(logits, new)  # the raw distribution, before sampling shapes it
         tokens = sample(logits, new)
         for row in new:
             row.position = len(row.prompt_ids)
@@ -131,7 +138,7 @@ class Scheduler:
             self.cache, self.mask = cache, mask
         self.running.extend(new)
         self.last_tokens.extend(tokens)
-        self._accept(new, tokens)
+        self._accept(new, tokens, logprobs.of(tokens))
 
     def decode(self) -> None:
         assert self.mask is not None
@@ -140,19 +147,26 @@ class Scheduler:
         positions = decode_positions([r.position for r in self.running], [r.rope_delta for r in self.running])
         self.batch_size = len(self.running)
         logits, self.cache = self.forward(self.running, input_ids, self.mask, positions, self.cache)
+        self.token_mask.apply(logits, [r.grammar for r in self.running])
+        logprobs = StepLogprobs(logits, self.running)
         tokens = sample(logits, self.running)
         for row in self.running:
             row.position += 1
         self.last_tokens = tokens
         self.steps += 1
-        self._accept(self.running, tokens)
+        self._accept(self.running, tokens, logprobs.of(tokens))
 
-    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
+    def _accept(self, rows: list[Row], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Each row's new token through its output builder; rows that finished are retired next."""
-        for row, token in zip(rows, tokens, strict=True):
+        for row, token, logprob in zip(rows, tokens, logprobs, strict=True):
             if row.aborted:
                 continue
-            delta = row.output.step([token])
+            if row.grammar is not None and not row.grammar.accept(token):  # never expected: it was masked
+                row.aborted = True
+                row.emit(EngineError("the constrained generation failed (see the server log)"))
+                continue
+            row.output_ids.append(token)
+            delta = row.output.step([token], logprobs=[logprob] if logprob is not None else ())
             if delta is not None:
                 row.emit(delta)
             if row.output.finished:

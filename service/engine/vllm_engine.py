@@ -45,7 +45,15 @@ from service.adapter_validation import BaseModules, base_modules
 from service.base_model import BaseModelInfo, is_vision_language
 from service.context_window import ensure_fits
 from service.engine import vl_cpu_shim
-from service.engine.base import LORA_IDS, AdapterRef, Engine, SamplingParams, TokenDelta
+from service.engine.base import (
+    LORA_IDS,
+    AdapterRef,
+    Engine,
+    SamplingParams,
+    StructuredOutput,
+    TokenDelta,
+    TokenLogprob,
+)
 from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.vision import ImageSizes
 from service.engine.vllm_cpu import GIB, cpu_env_defaults, running_on_cpu, write_null_lora
@@ -146,7 +154,9 @@ class VLLMEngine(Engine):
             tensor_parallel_size=s.tensor_parallel_size,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=True,
-            disable_log_stats=True,  # our stat logger below still gets the scheduler's numbers
+            # no periodic log lines; with our stat logger given, vLLM still records stats, and its
+            # Prometheus logger (always added by StatLoggerManager) fills the `vllm:*` series /metrics serves
+            disable_log_stats=True,
             seed=0,
             **kwargs,
         )
@@ -285,18 +295,27 @@ class VLLMEngine(Engine):
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
+            top_k=params.top_k,  # 0 is off for vLLM too
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            ignore_eos=params.ignore_eos,
+            logprobs=params.logprobs,  # raw logprobs (vLLM's default mode), as the embedded engine's
             detokenize=False,  # OutputBuilder decodes, exactly as in the embedded engine
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=_structured_outputs(params.structured),
         )
         output = OutputBuilder(self._tokenizer, self._eos, params)
         results = self._llm.generate(self._prompt(prompt_ids, images), vparams, request_id, lora_request=lora)
         self._inflight[request_id] = adapter.key if adapter else None
-        outputs = _engine_errors(results)
+        outputs = _engine_errors(results, params.structured)
         try:
             async for out in outputs:
                 completion = out.outputs[0]
                 reason = completion.finish_reason
-                delta = output.step(completion.token_ids, reason if reason in ("stop", "length") else None)
+                delta = output.step(completion.token_ids, reason if reason in ("stop", "length") else None,
+                                    _token_logprobs(completion.token_ids, completion.logprobs, params.logprobs))
                 if not output.finished and reason is not None:  # "abort" (or "error"): cut short
                     raise GenerationInterruptedError(self._interrupted.pop(request_id, None)
                                                      or "the engine stopped the generation")
@@ -377,10 +396,39 @@ class VLLMEngine(Engine):
         return [total(table, cont) for cont in continuations]
 
 
-async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
+def _token_logprobs(token_ids: Sequence[int], steps: Any, k: int | None) -> list[TokenLogprob]:
+    """vLLM's logprobs of a delta's tokens (per token a dict: the sampled token and the `k` most
+    likely, each with its rank) as `TokenLogprob`s, the top ones most likely first."""
+    if k is None or not steps:
+        return []
+    out = []
+    for token, step in zip(token_ids, steps, strict=False):
+        top = sorted(((t, lp) for t, lp in step.items() if lp.rank is not None and lp.rank <= k),
+                     key=lambda item: item[1].rank)
+        out.append(TokenLogprob(int(token), float(step[token].logprob),
+                                tuple((int(t), float(lp.logprob)) for t, lp in top[:k])))
+    return out
+
+
+def _structured_outputs(structured: StructuredOutput | None) -> Any:
+    """Our constraint as vLLM's own `StructuredOutputsParams` (the same fields; vLLM's default
+    backend compiles it with xgrammar, as the embedded engine does)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=structured.json_schema, regex=structured.regex,
+                                   choice=list(structured.choice) if structured.choice is not None else None,
+                                   grammar=structured.grammar, json_object=True if structured.json_object else None)
+
+
+async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutput | None = None
+                         ) -> AsyncIterator[Any]:
     """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
     died, 400 for what vLLM blames on the request, 500 otherwise) instead of leaking vLLM
-    exception types, or their text, into the HTTP layer: the text goes to the log."""
+    exception types, or their text, into the HTTP layer: the text goes to the log. A constrained
+    request's refusal about its constraint (vLLM validates it before the request runs) is a 400 naming
+    the constraint's field (`structured.param`)."""
     from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -392,6 +440,9 @@ async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
         raise ServiceUnavailableError("the engine stopped; retry shortly", headers={"Retry-After": "5"}) from exc
     except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
         log.info("vLLM refused a request: %s", exc)
+        if structured is not None and _about_the_constraint(str(exc)):
+            raise BadRequestError(f"{structured.param}: the constraint cannot be enforced by this server",
+                                  param=structured.param) from exc
         raise BadRequestError("the engine refused the request (a prompt too long once its images are expanded, "
                               "or a limit of the engine)") from exc
     except (asyncio.CancelledError, GeneratorExit):
@@ -399,6 +450,13 @@ async def _engine_errors(results: AsyncIterator[Any]) -> AsyncIterator[Any]:
     except Exception as exc:
         log.exception("vLLM generation failed")
         raise EngineError(f"generation failed ({type(exc).__name__}; see the server log)") from exc
+
+
+def _about_the_constraint(message: str) -> bool:
+    """Whether vLLM's refusal of a constrained request is about its constraint (structured outputs'
+    validation: schema, grammar, regex, choice), not its prompt."""
+    text = message.lower()
+    return any(word in text for word in ("structured", "grammar", "schema", "regex", "choice", "json"))
 
 
 def _vision_language(base: BaseModelInfo) -> bool:

@@ -4,7 +4,9 @@ For each expert a folder `<out>/<name>/` with `all.jsonl` (every record: what `l
 build --source name=<out>/<name>/all.jsonl` reads), its train/val/eval split (stratified by intent,
 no identical user text across splits) and a card. The system prompt and the tool names are kept in
 the card: training copies them into the adapter's `loramux.json`, so the service can supply the
-same system prompt and evaluation knows which tool names are valid.
+same system prompt and evaluation knows which tool names are valid. The card also keeps each
+expert's OpenAI tool schemas (`tool_schemas`, derived from its answers by `tool_schemas.py`): what
+an agent framework would declare, so evaluation can ask with and without a `tools` list.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from training.data.cards import write_card
 from training.data.chats import normalize_text, write_jsonl
 from training.data.splits import SPLITS, check_no_leakage, stratified_split
 from training.data.tool_calls import CALENDAR_TOOL
+from training.data.tool_schemas import tool_schemas
 
 DEMO_EXPERTS = ("lights", "climate", "timer", "media", "lists", "calendar")
 
@@ -32,6 +35,7 @@ class TaskDataset:
     counts: dict[str, int]
     tools: list[str]
     system_prompt: str | None
+    tool_schemas: list[dict[str, Any]]  # OpenAI tools, as an agent would declare them
 
 
 def available_experts() -> list[str]:
@@ -80,6 +84,7 @@ def build_task_datasets(
     out: dict[str, TaskDataset] = {}
     for name in experts:
         records, facts = expert_records(name, per_expert, seed, intents)
+        schemas = tool_schemas(r["messages"][-1]["content"] for r in records)
         folder = out_root / name
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -101,6 +106,7 @@ def build_task_datasets(
             "kind": "task",
             "adapter": name,
             "tools": facts["tools"],
+            "tool_schemas": schemas,
             "system_prompt": facts["system_prompt"],
             "seed": seed,
             "counts": by_intent,
@@ -109,7 +115,7 @@ def build_task_datasets(
                            "split": "stratified by intent, no identical user text across splits (checked)"},
             "dropped": facts["dropped"],
         })
-        out[name] = TaskDataset(name, folder, all_file, counts, facts["tools"], facts["system_prompt"])
+        out[name] = TaskDataset(name, folder, all_file, counts, facts["tools"], facts["system_prompt"], schemas)
     hass_records = sum(sum(d.counts.values()) for n, d in out.items() if n != "calendar")
     summary = {
         "title": "Demo expert datasets",

@@ -22,7 +22,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from service.adapter_validation import detect_final
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.engine.base import AdapterRef, Engine, SamplingParams
 from service.multimodal import chat_images
-from service.prompts import message_text, prompt_ids
+from service.prompts import message_text, prompt_ids, tools_to_show
 from service.settings import Settings
 from service.tool_calls import call_format as call_format_of
 from training.data.chats import ChatRecord, DatasetError, load_images
@@ -245,10 +245,15 @@ async def evaluate_expert_async(
     split: str = "eval",
     limit: int | None = None,
     max_tokens: int = 160,
+    declared_tools: Sequence[dict[str, Any]] | None = None,
 ) -> Evaluation:
+    """`declared_tools`: OpenAI tools every request declares (as an agent framework sends them), for
+    records that carry none of their own; the report says so (`declared_tools`)."""
     ref = await session.load(adapter_ref(adapter))
     meta = read_metadata(ref.path)
     records = sample_records(dataset, split, limit)
+    if declared_tools:
+        records = [r if r.tools else replace(r, tools=list(declared_tools)) for r in records]
     tool_names = list(tools or meta.get("tools") or [])
     if not tool_names:
         tool_names = sorted({c["name"] for r in records if (c := parse_tool_call(_answer(r)))})
@@ -256,7 +261,9 @@ async def evaluate_expert_async(
     tokenizer = session.engine.tokenizer
     chats = [load_images(r.messages[:-1]) for r in records]
     call_format = call_format_of(meta.get("tool_call_format"), "json")
-    prompts = [prompt_ids(tokenizer, chat, None, r.tools, call_format) for chat, r in zip(chats, records, strict=True)]
+    shown = meta.get("tools_in_prompt", True) is not False
+    prompts = [prompt_ids(tokenizer, chat, None, tools_to_show(r.tools, shown), call_format)
+               for chat, r in zip(chats, records, strict=True)]
     outputs = await _generate_all(session.engine, prompts, ref, max_tokens=max_tokens,
                                   images=[chat_images(chat) for chat in chats])
     exact = [same_tool_call(o, _answer(r)) for o, r in zip(outputs, records, strict=True)]
@@ -274,6 +281,7 @@ async def evaluate_expert_async(
         "split": split,
         "examples": len(records),
         "tools": tool_names,
+        "declared_tools": len(declared_tools or ()),
         "exact_match": m.rate(exact),
         "valid_tool_call_rate": m.rate(valid),
         "per_tool": {

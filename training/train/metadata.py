@@ -32,6 +32,7 @@ def build_metadata(
     system_prompt: str | None = None,
     tools: list[str] | None = None,
     tool_call_format: str | None = None,
+    tools_in_prompt: bool | None = None,
     description: str = "",
     preprocessing: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None,
@@ -55,6 +56,8 @@ def build_metadata(
         data["system_prompt"] = system_prompt
         data["tools"] = list(tools or [])
         data["tool_call_format"] = tool_call_format or "none"  # service.tool_calls: json, hermes or none
+        # whether its training prompts described the declared tools (service.prompts.tools_to_show)
+        data["tools_in_prompt"] = True if tools_in_prompt is None else bool(tools_in_prompt)
     return data
 
 

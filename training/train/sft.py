@@ -334,6 +334,7 @@ def train_adapter(config: TrainConfig, settings: Settings | None = None, base: B
         system_prompt=_common_system_prompt(splits) if config.kind == "task" else None,
         tools=_tools(splits) if config.kind == "task" else None,
         tool_call_format=call_format if config.kind == "task" else None,
+        tools_in_prompt=any(r.tools for r in splits.train) if config.kind == "task" else None,
         description=config.description or str(card.get("description", ""))[:200],
         preprocessing={"length_filter": report.to_json()},
         calibration=calibration,

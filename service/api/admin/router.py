@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.deps import AdminAuth, State
 from service.errors import AdapterValidationError, PermissionDeniedError, public_message
 from service.registration import register_adapter
-from service.registry import Registry
+from service.registry import AdapterEntry, AdapterVersion, Registry
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -111,10 +111,10 @@ async def list_adapters(state: State) -> dict:
     return adapters_view(state)
 
 
-@router.post("/adapters", status_code=201, summary="Validate and register a new adapter version")
-async def register(body: RegisterRequest, state: State) -> dict:
+async def register_version(state: ServiceState, body: RegisterRequest) -> AdapterVersion:
     """Validated, then added as a candidate (a new number, never one this name had before); only
-    then, if asked, activated. The version it replaces serves until the service has loaded it."""
+    then, if asked, activated. The version it replaces serves until the service has loaded it.
+    The one registration path of the HTTP API (`POST /admin/adapters`, vLLM's `load_lora_adapter`)."""
     registry = Registry(state.settings.registry)
     version = await asyncio.to_thread(
         register_adapter,
@@ -141,6 +141,13 @@ async def register(body: RegisterRequest, state: State) -> dict:
         await asyncio.to_thread(registry.withdraw, version.name, version.version)
         await state.adapters.sync()
         raise AdapterValidationError(f"registration of {version.uid} withdrawn: {error}", param="path")
+    return version
+
+
+@router.post("/adapters", status_code=201, summary="Validate and register a new adapter version")
+async def register(body: RegisterRequest, state: State) -> dict:
+    """See `register_version`."""
+    version = await register_version(state, body)
     data = version.to_json()
     data.update(name=version.name, kind=version.kind, loaded=version.uid in state.adapters.loaded, error=None)
     return data
@@ -164,10 +171,17 @@ async def restore(name: str, body: RestoreRequest, state: State) -> dict:
 @router.delete("/adapters/{name}",
                summary="Remove (retire) an adapter, keeping its versions: restorable; in-flight requests finish first")
 async def remove(name: str, state: State) -> dict:
-    entry = await asyncio.to_thread(Registry(state.settings.registry).remove, name)
-    await state.adapters.sync()
+    entry = await retire(state, name)
     return {"name": name, "removed": True, "removed_version": entry.removed_version,
             "versions_kept": len(entry.versions)}
+
+
+async def retire(state: ServiceState, name: str) -> AdapterEntry:
+    """Retire adapter `name`, its history kept (restorable), and re-sync at once. The one removal
+    path of the HTTP API (`DELETE /admin/adapters/NAME`, vLLM's `unload_lora_adapter`)."""
+    entry = await asyncio.to_thread(Registry(state.settings.registry).remove, name)
+    await state.adapters.sync()
+    return entry
 
 
 @router.get("/routers", summary="Routers, candidates and shadow-routing agreement")

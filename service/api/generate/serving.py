@@ -72,7 +72,6 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
 
             await until_done(request, run())
             response = JSONResponse(body_of(), headers=headers)
-            state.metrics.requests.labels(ENDPOINT, label, "200").inc()
             return response
 
         async def events() -> AsyncGenerator[str, None]:

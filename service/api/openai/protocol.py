@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import SEED_FIELD, ChatMessage, Usage
+from service.api.common import SEED_FIELD, ChatMessage, SamplingFields, Usage
+from service.api.logprobs import MAX_TOP_LOGPROBS
+from service.api.structured import StructuredFields
 
 
 class StreamOptions(BaseModel):
@@ -34,9 +36,9 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(BaseModel):
-    # unknown OpenAI fields are accepted and ignored, as vLLM does; the ones that would change the
-    # answer and that we do not implement are refused explicitly in serving.py
+class ChatCompletionRequest(SamplingFields, StructuredFields):
+    # unknown fields are accepted and ignored (logged), as vLLM does; the known ones (OpenAI's, vLLM's)
+    # that would change the answer and that we do not implement are refused (service/api/extra_fields.py)
     model_config = ConfigDict(extra="allow")
     model: str = Field(description="'auto' routes; an adapter name pins it; the base model's name uses no adapter")
     messages: list[ChatMessage]
@@ -50,9 +52,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: bool = False
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="needs logprobs: true")
     tools: list[ChatTool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True

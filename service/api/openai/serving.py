@@ -6,27 +6,32 @@ model's name uses no adapter. The response's `model` names what actually answere
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from service.adapters import AUTO_MODEL
+from service.api.choices import Generation, check_choices, plan, run_generations, usage
 from service.api.common import check_limits, sampling_params, stop_list
 from service.api.disconnect import until_done
+from service.api.extra_fields import check_extra_fields
+from service.api.logprobs import TokenText, chat_content
 from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, NamedToolChoice
 from service.api.streaming import route_headers, sse, stream_response
+from service.api.structured import forced_tool_call, structured_output
+from service.engine.base import TokenDelta
 from service.errors import BadRequestError
 from service.inference import (
     Choice,
     Deadline,
-    Outcome,
     RequestSlot,
     call_format_for,
     choose,
-    generate_stream,
     new_request_id,
     prompt_ids,
 )
@@ -48,39 +53,90 @@ def _declared_tools(body: ChatCompletionRequest) -> tuple[list[dict[str, Any]] |
     names = [tool.function.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise BadRequestError("tool names must be unique", param="tools")
-    if isinstance(body.tool_choice, NamedToolChoice) or body.tool_choice == "required":
-        # enforcing a call needs constrained decoding, which this service does not do yet: refused,
-        # never served as if it were "auto"
-        raise BadRequestError("tool_choice 'required' and a named function are not supported yet; use 'auto'",
-                              param="tool_choice")
     return tools, [] if body.tool_choice == "none" else names
 
 
-def _refuse_unsupported(body: ChatCompletionRequest) -> None:
-    if body.n != 1:
-        raise BadRequestError("only n=1 is supported", param="n")
-    if body.logprobs:
-        raise BadRequestError("logprobs are not supported", param="logprobs")
-    if body.presence_penalty or body.frequency_penalty:
-        raise BadRequestError("presence/frequency penalties are not supported", param="presence_penalty")
-    extra = body.model_extra or {}
-    for name in ("functions", "response_format", "logit_bias", "best_of"):
-        if extra.get(name) not in (None, [], {}, "none", "auto") and not (
-            name == "response_format" and extra[name] == {"type": "text"}
-        ):
-            raise BadRequestError(f"'{name}' is not supported", param=name)
+def _forced_tools(body: ChatCompletionRequest) -> list[str] | None:
+    """The tools one of which the answer must call (`tool_choice` "required": any declared tool; a
+    named function: that one), enforced by structured output; None when the model may answer text."""
+    if body.tool_choice == "required":
+        return [tool.function.name for tool in body.tools or []]
+    if isinstance(body.tool_choice, NamedToolChoice):
+        name = body.tool_choice.function.name
+        if name not in {tool.function.name for tool in body.tools or []}:
+            raise BadRequestError(f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return [name]
+    return None
+
+
+def _refuse_unsupported(body: ChatCompletionRequest) -> int | None:
+    """Check the fields this endpoint does not declare, and logprobs; the number of top tokens to
+    report per token (None: no logprobs)."""
+    check_extra_fields(body.model_extra, ENDPOINT)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+class _ChatChoice:
+    """One choice as it is built: its text through its own tool-call collector, and the logprobs
+    not sent yet (a stream sends them with the next text, so they arrive in order and none is lost
+    to text held back)."""
+
+    def __init__(self, generation: Generation, calls: CallCollector, tokens: TokenText | None):
+        self.generation = generation
+        self.calls = calls
+        self.tokens = tokens
+        self.sent: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []
+
+    def push(self, delta: TokenDelta) -> str:
+        if self.tokens is not None:
+            self.logprobs += chat_content(self.tokens, delta.logprobs)
+        text = self.calls.push(delta.text)
+        self.sent.append(text)
+        return text
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        if self.tokens is None:
+            return None
+        content, self.logprobs = self.logprobs, []
+        return {"content": content}
+
+    def finish(self, parallel: bool) -> tuple[str, list[Any]]:
+        held, found = self.calls.finish()
+        return held, found if parallel else found[:1]
+
+    def message(self, parallel: bool) -> dict[str, Any]:
+        held, found = self.finish(parallel)
+        outcome = self.generation.outcome
+        message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+        if found:
+            message = {"role": "assistant", "content": "".join(self.sent) + held or None,
+                       "tool_calls": [call.to_openai() for call in found]}
+        return {"index": self.generation.index, "message": message,
+                "finish_reason": "tool_calls" if found else outcome.finish_reason, "logprobs": self.take_logprobs()}
 
 
 async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: Request):
-    _refuse_unsupported(body)
+    top_logprobs = _refuse_unsupported(body)
     tools, callable_names = _declared_tools(body)
+    forced = _forced_tools(body)
+    structured = await structured_output(body)
+    if forced is not None and structured is not None:
+        raise BadRequestError(f"a forced tool call (tool_choice) and {structured.param} cannot both constrain "
+                              "the answer", param="tool_choice")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise BadRequestError("give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
     max_tokens = body.max_completion_tokens or body.max_tokens
     max_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     stop = stop_list(body.stop)
     check_limits(state.settings, body.messages, max_tokens, stop, max_param)
-    params = sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed)
+    check_choices(state.settings, body.n)
+    params = body.shape(sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed),
+                        top_logprobs)
+    if structured is not None:
+        params = replace(params, structured=structured)
     deadline = Deadline.for_request(state)
     slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
@@ -90,82 +146,81 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
         messages = await until_done(request, load_chat_images(
             [m.as_template_dict() for m in body.messages], state.settings, state.engine.image_sizes), deadline)
         images = chat_images(messages)
-        choice = slot.choice = await until_done(request, _choice_for_model(state, body.model, messages), deadline)
+        choice = slot.choice = await until_done(request, choice_for_model(state, body.model, messages), deadline)
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages", images, tools)
-        calls = CallCollector(call_format_for(state, choice.adapter), callable_names)
+        call_format = call_format_for(state, choice.adapter)
+        if forced is not None and tools is not None:  # a call in the answering adapter's format (none: json)
+            call_format = "json" if call_format == "none" else call_format
+            params = replace(params, structured=await forced_tool_call(tools, forced, call_format,
+                                                                       body.parallel_tool_calls))
+        generations = plan([(ids, choice)], params, body.n)
+        tokens = TokenText(state.engine.tokenizer) if top_logprobs is not None else None
+        built = [_ChatChoice(g, CallCollector(call_format, callable_names), tokens) for g in generations]
         request_id = new_request_id("chatcmpl")
         created = int(time.time())
         model = choice.name or model_name(state)
-        outcome = Outcome()
         headers = route_headers(choice)
         label = choice.name or "base"
 
-        if not body.stream:
-            sent: list[str] = []
+        def deltas() -> AsyncGenerator[tuple[Generation, TokenDelta], None]:
+            return run_generations(state, ENDPOINT, request_id, generations, images, deadline)
 
+        if not body.stream:
             async def run() -> None:
-                async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome, images,
-                                                   deadline):
-                    sent.append(calls.push(delta.text))
+                async with contextlib.aclosing(deltas()) as stream:
+                    async for generation, delta in stream:
+                        built[generation.index].push(delta)
 
             await until_done(request, run())
-            held, found = calls.finish()
-            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-            if found:
-                if not body.parallel_tool_calls:
-                    found = found[:1]
-                message = {"role": "assistant", "content": "".join(sent) + held or None,
-                           "tool_calls": [call.to_openai() for call in found]}
-            response = JSONResponse(
+            return JSONResponse(
                 {
                     "id": request_id,
                     "object": "chat.completion",
                     "created": created,
                     "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": message,
-                            "finish_reason": "tool_calls" if found else outcome.finish_reason,
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": outcome.usage(),
+                    "choices": [c.message(body.parallel_tool_calls) for c in built],
+                    "usage": usage(generations),
                 },
                 headers=headers,
             )
-            state.metrics.requests.labels(ENDPOINT, label, "200").inc()
-            return response
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict, finish: str | None, usage: dict | None = None, choices: bool = True) -> str:
-            payload = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                       if choices else []}
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+            payload: dict[str, Any] = {
+                "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
             if include_usage:
-                payload["usage"] = usage
+                payload["usage"] = None
             return sse(payload)
 
+        def ending(built_choice: _ChatChoice) -> list[str]:
+            index = built_choice.generation.index
+            held, found = built_choice.finish(body.parallel_tool_calls)
+            out = [chunk(index, {"content": held}, None, built_choice.take_logprobs())] if held else []
+            for number, call in enumerate(found):  # as OpenAI streams them: id and name, then the arguments
+                out.append(chunk(index, {"tool_calls": [{"index": number, "id": call.id, "type": "function",
+                                                         "function": {"name": call.name, "arguments": ""}}]}))
+                out.append(chunk(index, {"tool_calls": [{"index": number, "function": {"arguments": call.arguments}}]}))
+            finish = "tool_calls" if found else built_choice.generation.outcome.finish_reason
+            out.append(chunk(index, {}, finish, built_choice.take_logprobs()))
+            return out
+
         async def events() -> AsyncGenerator[str, None]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            async for delta in generate_stream(state, ENDPOINT, request_id, ids, choice, params, outcome,
-                                               images, deadline):
-                text = calls.push(delta.text)
-                if text:
-                    yield chunk({"content": text}, None)
-            held, found = calls.finish()
-            if held:
-                yield chunk({"content": held}, None)
-            if not body.parallel_tool_calls:
-                found = found[:1]
-            for index, call in enumerate(found):  # as OpenAI streams them: id and name, then the arguments
-                yield chunk({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                             "function": {"name": call.name, "arguments": ""}}]}, None)
-                yield chunk({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}, None)
-            yield chunk({}, "tool_calls" if found else outcome.finish_reason)
+            for built_choice in built:
+                yield chunk(built_choice.generation.index, {"role": "assistant", "content": ""})
+            async with contextlib.aclosing(deltas()) as stream:
+                async for generation, delta in stream:
+                    built_choice = built[generation.index]
+                    text = built_choice.push(delta)
+                    if text:
+                        yield chunk(generation.index, {"content": text}, None, built_choice.take_logprobs())
+                    if delta.finish_reason:
+                        for event in ending(built_choice):
+                            yield event
             if include_usage:
-                yield chunk({}, None, outcome.usage(), choices=False)
+                yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage(generations)})
 
         stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
         handed_over = True
@@ -179,7 +234,9 @@ def model_name(state: ServiceState) -> str:
     return state.settings.base_model_name or state.base.name
 
 
-async def _choice_for_model(state: ServiceState, model: str, messages: list[dict]) -> Choice:
+async def choice_for_model(state: ServiceState, model: str, messages: list[dict]) -> Choice:
+    """What an OpenAI `model` asks for (chat and completions alike): `auto` routes on the messages,
+    the base model's name uses no adapter, any other name pins that adapter."""
     if model == AUTO_MODEL:
         return await choose(state, messages, None, "model")
     if model == model_name(state):

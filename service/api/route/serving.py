@@ -26,5 +26,4 @@ async def serve_route(state: ServiceState, body: PromptOrMessages, request: Requ
         ticket.release()
     info = route_info(choice)
     assert info is not None
-    state.metrics.requests.labels("route", choice.name or "base", "200").inc()
     return info
