@@ -206,6 +206,7 @@ def test_constraints_that_cannot_be_enforced_are_refused(client: openai.OpenAI) 
         ({"extra_body": {"guided_json": {"type": "object", "properties": {"a": {"type": "string",
                                                                               "maxLength": 100000}}}}}, "guided_json"),
         ({"response_format": {"type": "json_object"}, "extra_body": {"guided_regex": "a+"}}, "guided_regex"),
+        ({"extra_body": {"guided_choice": ["a", "b"], "ignore_eos": True}}, "ignore_eos"),  # nothing after the end
     ]
     for kwargs, param in cases:
         for stream in (False, True):

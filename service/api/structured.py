@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine import grammar
-from service.engine.base import StructuredOutput
+from service.engine.base import SamplingParams, StructuredOutput
 from service.errors import BadRequestError
 from service.tool_calls import CallFormat, forced_call_grammar
 
@@ -136,6 +137,15 @@ async def structured_output(body: StructuredFields) -> StructuredOutput | None:
         return None
     await grammar.check(found[0])
     return found[0]
+
+
+def constrained(params: SamplingParams, structured: StructuredOutput) -> SamplingParams:
+    """`params` with the constraint. Not with `ignore_eos`: a complete answer allows nothing but its
+    end, so going on past it has no valid token to take (a 400 naming `ignore_eos`)."""
+    if params.ignore_eos:
+        raise BadRequestError(f"ignore_eos cannot be combined with a constraint on the output ({structured.param})",
+                              param="ignore_eos")
+    return replace(params, structured=structured)
 
 
 async def forced_tool_call(tools: Sequence[dict[str, Any]], allowed: Sequence[str], fmt: CallFormat,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -26,7 +25,7 @@ from service.api.extra_fields import check_extra_fields
 from service.api.logprobs import TokenText, completion_logprobs, next_offset
 from service.api.openai.serving import choice_for_model, model_name
 from service.api.streaming import header_value, route_headers, sse, stream_response
-from service.api.structured import structured_output
+from service.api.structured import constrained, structured_output
 from service.engine.base import TokenDelta
 from service.inference import Choice, Deadline, RequestSlot, new_request_id, raw_prompt_ids
 from service.state import ServiceState
@@ -71,7 +70,7 @@ async def serve_completion(state: ServiceState, body: CompletionRequest, request
     params = body.to_sampling_params(state.settings)
     structured = await structured_output(body)
     if structured is not None:
-        params = replace(params, structured=structured)
+        params = constrained(params, structured)
     deadline = Deadline.for_request(state)
     slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release

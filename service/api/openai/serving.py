@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -23,7 +22,7 @@ from service.api.extra_fields import check_extra_fields
 from service.api.logprobs import TokenText, chat_content
 from service.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList, NamedToolChoice
 from service.api.streaming import route_headers, sse, stream_response
-from service.api.structured import forced_tool_call, structured_output
+from service.api.structured import constrained, forced_tool_call, structured_output
 from service.engine.base import TokenDelta
 from service.errors import BadRequestError
 from service.inference import (
@@ -136,7 +135,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     params = body.shape(sampling_params(state.settings, max_tokens, body.temperature, body.top_p, stop, body.seed),
                         top_logprobs)
     if structured is not None:
-        params = replace(params, structured=structured)
+        params = constrained(params, structured)
     deadline = Deadline.for_request(state)
     slot = RequestSlot(state.ticket())
     handed_over = False  # True once the stream owns the release
@@ -151,8 +150,8 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
         call_format = call_format_for(state, choice.adapter)
         if forced is not None and tools is not None:  # a call in the answering adapter's format (none: json)
             call_format = "json" if call_format == "none" else call_format
-            params = replace(params, structured=await forced_tool_call(tools, forced, call_format,
-                                                                       body.parallel_tool_calls))
+            params = constrained(params, await forced_tool_call(tools, forced, call_format,
+                                                                body.parallel_tool_calls))
         generations = plan([(ids, choice)], params, body.n)
         tokens = TokenText(state.engine.tokenizer) if top_logprobs is not None else None
         built = [_ChatChoice(g, CallCollector(call_format, callable_names), tokens) for g in generations]
