@@ -32,6 +32,12 @@ class BadRequestError(LoramuxError):
     error_type = "invalid_request_error"
 
 
+class ConstraintError(BadRequestError):
+    """An output constraint (structured output, a forced tool call) that cannot be enforced. Raised
+    by the grammar code and the engines without a field: the request path names the field the
+    constraint came from (`StructuredOutput.param`, see `constraint_field`)."""
+
+
 class AuthenticationError(LoramuxError):
     status_code = 401
     error_type = "authentication_error"

@@ -20,11 +20,12 @@ from jinja2 import TemplateError
 from service import prompts
 from service.adapters import AdapterHold, ResolvedAdapter
 from service.context_window import ContextLengthError, ensure_fits, prompt_length
-from service.engine.base import SamplingParams, TokenDelta
+from service.engine.base import SamplingParams, StructuredOutput, TokenDelta
 from service.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
     BadRequestError,
+    ConstraintError,
     DeadlineExceededError,
     LoramuxError,
     ServiceUnavailableError,
@@ -117,14 +118,16 @@ def new_request_id(prefix: str = "req") -> str:
 
 
 @contextlib.contextmanager
-def field_named(param: str) -> Iterator[None]:
+def field_named(param: str, structured: StructuredOutput | None = None) -> Iterator[None]:
     """Engines refuse input without naming an API field (they do not know the API); the request path
-    knows which field the input came from and names it on the way out."""
+    knows which field the input came from and names it on the way out: `param`, or for a refused
+    output constraint (`ConstraintError`) the field the constraint came from (`structured.param`)."""
     try:
         yield
     except BadRequestError as exc:
         if exc.param is None:
-            exc.param = param
+            constraint = isinstance(exc, ConstraintError) and structured is not None and structured.param
+            exc.param = constraint or param
         raise
 
 
@@ -381,7 +384,7 @@ async def generate_stream(
         try:
             while True:
                 try:
-                    with field_named(param):
+                    with field_named(param, params.structured):
                         delta = await deadline.run(anext(stream))
                 except StopAsyncIteration:
                     break

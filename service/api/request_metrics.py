@@ -63,7 +63,8 @@ class RequestMetricsMiddleware:
             raise
         finally:
             current_record.reset(token)
-            state = getattr(getattr(application, "state", None), "service", None)
-            if state is not None:
-                state.metrics.http_requests.labels(record.endpoint, record.adapter_label,
-                                                   str(record.status or status)).inc()
+            # no service state yet (a request before start-up finished, a test's stand-in): nothing to count in
+            metrics = getattr(getattr(getattr(application, "state", None), "service", None), "metrics", None)
+            if metrics is not None:
+                metrics.http_requests.labels(record.endpoint, record.adapter_label,
+                                             str(record.status or status)).inc()

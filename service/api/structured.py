@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.engine import grammar
 from service.engine.base import SamplingParams, StructuredOutput
 from service.errors import BadRequestError
+from service.inference import field_named
 from service.tool_calls import CallFormat, forced_call_grammar
 
 
@@ -135,7 +136,8 @@ async def structured_output(body: StructuredFields) -> StructuredOutput | None:
                               param=found[1].param)
     if not found:
         return None
-    await grammar.check(found[0])
+    with field_named(found[0].param):
+        await grammar.check(found[0])
     return found[0]
 
 
@@ -153,10 +155,11 @@ async def forced_tool_call(tools: Sequence[dict[str, Any]], allowed: Sequence[st
     """`tool_choice` "required" (`allowed`: every declared tool) or a named function (that one): a
     grammar of calls in the answering adapter's call format (`json` for an adapter that has none),
     so the answer comes back as `tool_calls`; a 400 naming `tools` when a schema cannot be enforced."""
-    for tool in tools:  # each schema within the limits before xgrammar converts it
-        parameters = tool["function"].get("parameters")
-        if parameters is not None:
-            grammar.check_limits(StructuredOutput(json_schema=_schema(parameters, "tools"), param="tools"))
+    with field_named("tools"):
+        for tool in tools:  # each schema within the limits before xgrammar converts it
+            parameters = tool["function"].get("parameters")
+            if parameters is not None:
+                grammar.check_limits(StructuredOutput(json_schema=_schema(parameters, "tools"), param="tools"))
 
     def convert() -> str:
         try:
@@ -164,7 +167,8 @@ async def forced_tool_call(tools: Sequence[dict[str, Any]], allowed: Sequence[st
         except ValueError as exc:
             raise BadRequestError(f"tools: a tool's parameters cannot be enforced ({exc})", param="tools") from None
 
-    ebnf = await grammar.bounded(convert, "tools")
-    constraint = StructuredOutput(grammar=ebnf, param="tools")
-    await grammar.check(constraint)
+    with field_named("tools"):
+        ebnf = await grammar.bounded(convert, "tools")
+        constraint = StructuredOutput(grammar=ebnf, param="tools")
+        await grammar.check(constraint)
     return constraint

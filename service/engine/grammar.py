@@ -37,7 +37,7 @@ import torch
 import xgrammar as xgr
 
 from service.engine.base import StructuredOutput
-from service.errors import BadRequestError, ServiceUnavailableError
+from service.errors import ConstraintError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ COMPILED_CACHE = 64  # compiled grammars kept per tokenizer (a tool set or a sch
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
 
 
-def _refused(structured: StructuredOutput, reason: str) -> BadRequestError:
-    return BadRequestError(f"{structured.param}: {reason}", param=structured.param)
+def _refused(structured: StructuredOutput, reason: str) -> ConstraintError:
+    return ConstraintError(f"{structured.param}: {reason}")
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -178,8 +178,8 @@ async def bounded(fn: Callable[[], T], param: str) -> T:
         return await asyncio.wait_for(future, COMPILE_TIMEOUT_S)
     except TimeoutError:
         if started.is_set():
-            raise BadRequestError(f"{param}: the constraint is too complex (compiling it took over "
-                                  f"{COMPILE_TIMEOUT_S:g} s)", param=param) from None
+            raise ConstraintError(f"{param}: the constraint is too complex (compiling it took over "
+                                  f"{COMPILE_TIMEOUT_S:g} s)") from None
         raise ServiceUnavailableError("the server is busy compiling other constraints; retry",
                                       headers={"Retry-After": "1"}) from None
 

@@ -60,6 +60,7 @@ from service.engine.vllm_cpu import GIB, cpu_env_defaults, running_on_cpu, write
 from service.errors import (
     AdapterValidationError,
     BadRequestError,
+    ConstraintError,
     EngineError,
     GenerationInterruptedError,
     ServiceUnavailableError,
@@ -427,8 +428,8 @@ async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutp
     """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
     died, 400 for what vLLM blames on the request, 500 otherwise) instead of leaking vLLM
     exception types, or their text, into the HTTP layer: the text goes to the log. A constrained
-    request's refusal about its constraint (vLLM validates it before the request runs) is a 400 naming
-    the constraint's field (`structured.param`)."""
+    request's refusal about its constraint (vLLM validates it before the request runs) is a
+    `ConstraintError`, which the request path names by the constraint's field."""
     from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -441,8 +442,7 @@ async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutp
     except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
         log.info("vLLM refused a request: %s", exc)
         if structured is not None and _about_the_constraint(str(exc)):
-            raise BadRequestError(f"{structured.param}: the constraint cannot be enforced by this server",
-                                  param=structured.param) from exc
+            raise ConstraintError(f"{structured.param}: the constraint cannot be enforced by this server") from exc
         raise BadRequestError("the engine refused the request (a prompt too long once its images are expanded, "
                               "or a limit of the engine)") from exc
     except (asyncio.CancelledError, GeneratorExit):
