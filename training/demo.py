@@ -34,7 +34,7 @@ from training.evaluate.reports import pct, write_report
 from training.evaluate.router_and_experts import EngineSession, evaluate_expert_async, evaluate_router_async
 from training.evaluate.stacked import evaluate_stacked_async, router_folder_spec, setup_from_folders
 from training.register.commands import RegistryContext, register_adapter
-from training.train.metadata import update_metrics
+from training.train.metadata import read_metadata, update_metrics
 from training.train.sft import TrainConfig, train_adapter
 
 ROUTER_NAME = "router"
@@ -259,11 +259,17 @@ async def _evaluate(settings: Settings, base: BaseModelInfo, plan: DemoPlan, fin
         for name, data in tasks.items():
             expert = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
                                                  max_tokens=plan.expert_max_tokens)
-            # the same requests as an agent framework sends them, with the expert's tools declared
-            declared = await evaluate_expert_async(session, finals[name], data.path, limit=plan.expert_eval_limit,
-                                                   max_tokens=plan.expert_max_tokens,
-                                                   declared_tools=data.tool_schemas)
-            out[name] = {**expert.report, WITH_TOOLS: declared.report}
+            # the same requests as an agent framework sends them, with the expert's tools declared; an
+            # expert trained on bare requests gets the very same prompts (prompts.tools_to_show), so its
+            # answers are the ones just scored and are not generated a second time
+            if read_metadata(finals[name]).get("tools_in_prompt", True) is False:
+                declared = {**expert.report, "declared_tools": len(data.tool_schemas)}
+            else:
+                declared = (await evaluate_expert_async(session, finals[name], data.path,
+                                                        limit=plan.expert_eval_limit,
+                                                        max_tokens=plan.expert_max_tokens,
+                                                        declared_tools=data.tool_schemas)).report
+            out[name] = {**expert.report, WITH_TOOLS: declared}
         setup = setup_from_folders(router_folder_spec(finals[ROUTER_NAME], ROUTER_NAME),
                                    {name: finals[name] for name in tasks})
         stacked = await evaluate_stacked_async(session, setup, routing_path, limit=plan.stacked_eval_limit,
