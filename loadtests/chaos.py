@@ -24,8 +24,10 @@ server is gone after it), once it is 0 or `--settle-s` has passed.
 
 The copy matters: the run registers adapters, truncates the registry file and kills the server, so
 it never touches the registry it was given. The server runs torch on one thread, as the test servers
-do: client, server and the CLIs share two cores, and OpenMP threads spinning for a busy core would
-make the latencies measure the scheduler, not the service.
+do, and on a core of its own: the normal clients, the abuse and the CLIs it runs (each imports torch
+and hashes weights for seconds) keep to the other cores. On a shared pair of cores the CLIs' start-up
+alone made the server's steps four times slower, and the p99 then measured the load generator, not
+the service (`--share-cores` puts everything back on every core).
 """
 
 from __future__ import annotations
@@ -660,6 +662,15 @@ def copy_registry(registry: Path, adapter_root: Path, dest: Path) -> tuple[Path,
     return root, copy
 
 
+def split_cores(share: bool) -> tuple[set[int] | None, set[int] | None]:
+    """The server's cores and the load's: the first core for the server, the others for this process
+    and what it starts; (None, None) with `share` or on a single core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if share or len(cores) < 2:
+        return None, None
+    return {cores[0]}, set(cores[1:])
+
+
 def chaos(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="loramux-chaos-", dir=args.workdir))
     root, registry = copy_registry(args.registry.resolve(), args.adapter_root.resolve(), workdir)
@@ -670,8 +681,13 @@ def chaos(args: argparse.Namespace) -> dict[str, Any]:
     user_key, admin_key = f"chaos-user-{secrets.token_hex(8)}", f"chaos-admin-{secrets.token_hex(8)}"
     journal = Journal()
     print(f"[chaos] server on a copy in {workdir} ({len(tasks)} task adapters)", flush=True)
-    server = start_server(root, registry, workdir / "server.log", api_keys=user_key, admin_api_keys=admin_key,
-                          registry_poll_s=args.poll)
+    server_cpus, load_cpus = split_cores(args.share_cores)
+    server = start_server(root, registry, workdir / "server.log", cpus=server_cpus, api_keys=user_key,
+                          admin_api_keys=admin_key, registry_poll_s=args.poll)
+    if load_cpus:  # this thread's cores: every client thread and CLI started from here on inherits them
+        os.sched_setaffinity(0, load_cpus)
+        print(f"[chaos] server on cores {sorted(server_cpus or ())}, clients and CLIs on {sorted(load_cpus)}",
+              flush=True)
     run = Run(server, root, registry, user_key, admin_key, root / tasks[0].path, [v.name for v in tasks],
               journal, 0.0, args.poll, args.cli_kills, max(1, args.cli_registrations), args.truncate, workdir)
     bad = build_bad_adapters(run.good_adapter, root, workdir / "outside" / "adapter")
@@ -773,7 +789,8 @@ def summarise(run: Run, result: dict[str, Any], origin: float, args: argparse.Na
         "server_log": str(run.server.log_path),
         "options": {"duration_s": args.duration, "rate": args.rate, "registry": str(args.registry),
                     "adapter_root": str(args.adapter_root), "cli_kills": args.cli_kills,
-                    "cli_registrations": args.cli_registrations, "truncate": args.truncate, "abuse": args.abuse},
+                    "cli_registrations": args.cli_registrations, "truncate": args.truncate, "abuse": args.abuse,
+                    "share_cores": args.share_cores},
     })
     checks = {
         "normal_200_pct": ok_pct == 100.0 and bool(normal),
@@ -849,7 +866,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder the registry's paths are relative to (default: the repository)")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of the quiet phase, and at least "
                         "of the abuse phase")
-    parser.add_argument("--rate", type=float, default=2.0, help="normal requests per second")
+    parser.add_argument("--rate", type=float, default=1.0,
+                        help="normal requests per second (at 1 the server, on its own core and one thread, answers "
+                             "in about a second; at 2 they already queue in the quiet run)")
     parser.add_argument("--abuse", type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
                         default=list(ABUSE_FAMILIES),
                         help=f"abuse families, comma-separated (default all): {','.join(ABUSE_FAMILIES)}")
@@ -859,6 +878,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[0.5, 0.0], help="registry truncations, as the share of the file kept (0: empty)")
     parser.add_argument("--poll", type=float, default=1.0, help="the server's LORAMUX_REGISTRY_POLL_S")
     parser.add_argument("--max-p99-ratio", type=float, default=2.0)
+    parser.add_argument("--share-cores", action="store_true",
+                        help="run the server on every core beside the load (default: a core of its own)")
     parser.add_argument("--max-overrun", type=float, default=240.0,
                         help="seconds the abuse may run past --duration before it counts as hung")
     parser.add_argument("--settle-s", type=float, default=60.0, help="time for the in-flight gauge to reach 0")

@@ -81,7 +81,10 @@ class ServerProcess:
     command that serves, such as `("demo", "--quick", "--serve")`)."""
 
     def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), startup_timeout: float = 240.0,
-                 command: tuple[str, ...] = ("serve",)):
+                 command: tuple[str, ...] = ("serve",), cpus: set[int] | None = None):
+        """`cpus`: the cores the server may run on (all when None); a load generator on the same
+        machine keeps to the others, so that it measures the server and not their contention."""
+        self.cpus = cpus
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -95,8 +98,11 @@ class ServerProcess:
         self.log_path = log_path
         log = log_path.open("w")
         cmd = [sys.executable, "-m", "loramux", *self.command, "--host", "127.0.0.1", "--port", str(self.port)]
+        cpus = self.cpus
+        # set in the child before it execs, so every thread it starts inherits the cores
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         self.proc = subprocess.Popen([*cmd, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=PROJECT_ROOT)
+                                     cwd=PROJECT_ROOT, preexec_fn=pin)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -124,9 +130,10 @@ class ServerProcess:
             return self.proc.wait()
 
 
-def start_server(root: Path, registry: Path, log_path: Path, **settings: object) -> ServerProcess:
-    """`loramux serve` on 127.0.0.1 over `registry`, torch on one thread; each keyword is a setting
-    (`max_queue=8`)."""
+def start_server(root: Path, registry: Path, log_path: Path, cpus: set[int] | None = None,
+                 **settings: object) -> ServerProcess:
+    """`loramux serve` on 127.0.0.1 over `registry`, torch on one thread, on `cpus` (all when
+    None); each keyword is a setting (`max_queue=8`)."""
     env = {
         "LORAMUX_REGISTRY": str(registry),
         "LORAMUX_ADAPTER_ROOT": str(root),
@@ -136,7 +143,7 @@ def start_server(root: Path, registry: Path, log_path: Path, **settings: object)
         **{f"LORAMUX_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
            for name, value in settings.items()},
     }
-    return ServerProcess(env).start(log_path)
+    return ServerProcess(env, cpus=cpus).start(log_path)
 
 
 def crashes(server: ServerProcess) -> list[str]:

@@ -150,9 +150,7 @@ def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: Res
     (`prompts.tools_to_show`)."""
     tokenizer = state.engine.tokenizer
     tools = prompts.tools_to_show(tools, adapter is None or adapter.version.tools_in_prompt)
-    least = prompts.fewest_prompt_tokens(tokenizer, messages, tools)
-    if least + max_tokens > state.settings.max_model_len:  # certain without tokenizing a megabyte on the loop
-        raise ContextLengthError(None, max_tokens, state.settings.max_model_len, param=param)
+    refuse_certain_overflow(state, messages, max_tokens, param, tools)
     try:
         ids = prompts.prompt_ids(tokenizer, messages, adapter.system_prompt if adapter else None, tools,
                                  call_format_for(state, adapter))
@@ -162,6 +160,17 @@ def prompt_ids(state: ServiceState, messages: list[dict[str, Any]], adapter: Res
         ensure_fits(prompt_length(len(ids), images, state.engine.image_sizes), max_tokens,
                     state.settings.max_model_len)
     return ids
+
+
+def refuse_certain_overflow(state: ServiceState, messages: list[dict[str, Any]], max_tokens: int, param: str,
+                            tools: Sequence[dict[str, Any]] | None = None) -> None:
+    """Refuse (400) a chat whose text alone cannot fit the context with `max_tokens`, without
+    tokenizing it (a lower bound, in microseconds). Called before routing too: a megabyte prompt
+    would otherwise cost a router forward pass (about a second of the engine thread on one core,
+    which every running generation waits for) before its certain refusal."""
+    least = prompts.fewest_prompt_tokens(state.engine.tokenizer, messages, tools)
+    if least + max_tokens > state.settings.max_model_len:
+        raise ContextLengthError(None, max_tokens, state.settings.max_model_len, param=param)
 
 
 def raw_prompt_ids(state: ServiceState, prompt: str | list[int], max_tokens: int, param: str) -> list[int]:
@@ -195,12 +204,22 @@ def call_format_for(state: ServiceState, adapter: ResolvedAdapter | None) -> Cal
 
 class RequestSlot:
     """A request's admission ticket and, once chosen, its adapter hold: the one release path for
-    both, in that order, taken by the handler on an error and by the stream once it owns them."""
+    both, in that order. A handler holds it in a `with` block, which releases it on every way out
+    (an answer, an error) unless a stream took it over (`handed_over`): the stream releases it when
+    it closes, long after the handler returned."""
 
     def __init__(self, ticket: Any):
         self.ticket = ticket
         self.choice: Choice | None = None
         self.more: list[Choice] = []  # the other prompts' choices (a /v1/completions list of prompts)
+        self.handed_over = False  # set by the stream that now owns the release
+
+    def __enter__(self) -> RequestSlot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.handed_over:
+            self.release()
 
     def release(self) -> None:
         try:

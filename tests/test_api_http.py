@@ -173,8 +173,20 @@ def test_a_huge_prompt_is_routed_on_its_start_and_refused_for_generation(client)
     short = client.post("/route", json={"prompt": huge[:2000]}).json()
     assert routed.json()["adapter"] == short["adapter"]
     assert routed.json()["candidates"] == short["candidates"]
+    routed_before = routing_decisions(client)
     refused = client.post("/v1/chat/completions", json={"model": "auto", "max_tokens": 4,
                                                         "messages": [{"role": "user", "content": huge}]})
     # refused on its byte length alone: "too long", not a token count (it was never tokenized)
     assert "is too long" in assert_error(refused, 400, "messages")["message"]
+    refused = client.post("/generate", json={"prompt": huge, "max_tokens": 4})
+    assert "is too long" in assert_error(refused, 400, "prompt")["message"]
+    # and before routing: a router forward pass for a request certain to be refused holds up every
+    # running generation for it (about a second of one core for the router's 256 tokens)
+    assert routing_decisions(client) == routed_before
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def routing_decisions(client: httpx.Client) -> float:
+    """Every routing decision the server made so far, from `/metrics`."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("loramux_routing_decisions_total{"))

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class FakeEngine(Engine):
         self.resident: set[str] = set()
         self.fail_mid_stream = False
         self.score_gate: asyncio.Event | None = None
+        self.probe: Callable[[], None] | None = None  # called at each token: what holds while generating
 
     async def start(self) -> None: ...
 
@@ -88,6 +89,8 @@ class FakeEngine(Engine):
                 raise RuntimeError(f"adapter {adapter.key} is not loaded")
             if self.fail_mid_stream and i == 1:
                 raise RuntimeError("engine fault mid-stream")
+            if self.probe is not None:
+                self.probe()
             yield TokenDelta("x", i + 1, "length" if i == 2 else None)
 
     async def abort(self, request_id: str) -> None: ...
@@ -184,6 +187,19 @@ def test_normal_requests_give_back_slot_and_hold(state, path, payload):
     r = call(state, path, payload)
     assert r.status_code == 200, r.text
     assert "error" not in r.text
+    assert_all_given_back(state)
+
+
+@pytest.mark.parametrize(("path", "payload"), REQUESTS, ids=IDS)
+def test_a_request_holds_its_slot_and_adapter_while_it_generates(state, path, payload):
+    """A stream's generation runs after its handler has returned: the stream owns the slot then, and
+    a slot given back when the handler returns would let every stream past the admission limit."""
+    seen: list[tuple[int, int]] = []
+    state.engine.probe = lambda: seen.append((state.admission.inflight, sum(state.adapters._inflight.values())))
+    r = call(state, path, payload)
+    assert r.status_code == 200, r.text
+    routed_or_pinned = payload.get("adapter") or payload.get("model") != "fake-base"
+    assert seen and all(slots == 1 and (holds >= 1 if routed_or_pinned else holds == 0) for slots, holds in seen), seen
     assert_all_given_back(state)
 
 

@@ -90,13 +90,13 @@ class EventStream(StreamingResponse):
             raise sent
 
 
-def stream_response(state: ServiceState, endpoint: str, label: str, events: AsyncGenerator[str, None],
+def stream_response(state: ServiceState, endpoint: str, events: AsyncGenerator[str, None],
                     slot: RequestSlot, headers: dict[str, str]) -> EventStream:
     """The one way a generation becomes an SSE response, for every streaming endpoint: `events`
-    (the endpoint's own chunks) run under the request's slot, and an error
-    after the status line (long sent) becomes one error event in the one error body; either way the
-    stream ends with `[DONE]`, so a client waiting for it is never left hanging. `label` (the
-    adapter's) is no longer used: the request path notes the adapter for the request counter."""
+    (the endpoint's own chunks) run under the request's slot, which the stream takes over and
+    releases when it closes; an error after the status line (long sent) becomes one error event in
+    the one error body; either way the stream ends with `[DONE]`, so a client waiting for it is
+    never left hanging."""
     async def guarded() -> AsyncIterator[str]:
         async with contextlib.aclosing(events):  # a stream closed early aborts its generation at once
             try:
@@ -110,8 +110,10 @@ def stream_response(state: ServiceState, endpoint: str, label: str, events: Asyn
                 yield sse(error_from_exception(exc))
         yield DONE
 
-    return EventStream(guarded(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
-                       headers=headers)
+    response = EventStream(guarded(), on_close=slot.release, drain_timeout_s=state.settings.stream_drain_timeout_s,
+                           headers=headers)
+    slot.handed_over = True
+    return response
 
 
 def header_value(text: str) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -41,8 +42,18 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+SLOW_WORK_S = 1.0  # engine-thread work longer than this stalls every running generation: logged
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def slow_work(started: float, what: str) -> None:
+    """Log work on the engine thread that held up every generation for more than SLOW_WORK_S: the
+    one place an operator sees why streams paused (a long prefill, a load, a long routing prompt)."""
+    took = time.perf_counter() - started
+    if took > SLOW_WORK_S:
+        log.warning("engine thread busy %.1fs: %s", took, what)
 
 
 def peft_name(adapter: AdapterRef) -> str:
@@ -61,7 +72,7 @@ class EmbeddedEngine(Engine):
         self._modules = BaseModules(frozenset(), {})
         self._vision: VisionInputs | None = None  # set for vision-language base models
         self._adapters: dict[str, AdapterRef] = {}
-        self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future, str]] = queue.Queue()
         self._commands_lock = threading.Lock()
         self._requests: dict[str, Row] = {}
         self._wake = threading.Event()
@@ -100,7 +111,7 @@ class EmbeddedEngine(Engine):
         demo step took 5 s instead of 1.9 and a 24-token answer 20 s instead of 1.6 (2 cores). With
         this engine on one thread while the demo trains, answers take 3 s and training 2.1 s a step.
         Set on the engine thread, which is the thread whose parallel regions it sizes."""
-        await self._call(lambda: torch.set_num_threads(1 if sharing else self._threads))
+        await self._call(lambda: torch.set_num_threads(1 if sharing else self._threads), "set threads")
 
     async def shutdown(self) -> None:
         self._stop.set()
@@ -146,7 +157,7 @@ class EmbeddedEngine(Engine):
 
     # ---- adapters ----------------------------------------------------------------------------
     async def add_adapter(self, adapter: AdapterRef) -> None:
-        await self._call(lambda: self._add_adapter(adapter))
+        await self._call(lambda: self._add_adapter(adapter), f"load {adapter.key}")
 
     def _add_adapter(self, adapter: AdapterRef) -> None:
         from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
@@ -180,7 +191,7 @@ class EmbeddedEngine(Engine):
             self._model = self._model.unload()
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
-        await self._call(lambda: self._remove_adapter(adapter))
+        await self._call(lambda: self._remove_adapter(adapter), f"unload {adapter.key}")
 
     def _remove_adapter(self, adapter: AdapterRef) -> None:
         name = peft_name(adapter)
@@ -279,7 +290,7 @@ class EmbeddedEngine(Engine):
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             return [float(logprobs[t]) for t in token_ids]
 
-        return await self._call(run)
+        return await self._call(run, f"score {len(prompt_ids)} prompt tokens")
 
     async def sequence_logprobs(
         self,
@@ -304,7 +315,7 @@ class EmbeddedEngine(Engine):
                                                 lambda rows: self._adapter_kwargs([name] * rows), delta,
                                                 self._tokenizer.pad_token_id or 0)
 
-        return await self._call(run)
+        return await self._call(run, f"route {len(prompt_ids)} prompt tokens over {len(continuations)} names")
 
     def _prompt_state(self, ids: list[int], adapter: str, prefix_len: int, images: Sequence[Any] = ()
                       ) -> tuple[torch.Tensor, Any, int, int | None]:
@@ -349,15 +360,16 @@ class EmbeddedEngine(Engine):
         return kv_batch.fork(cached, self._model.config), prefix_len
 
     # ---- worker thread ---------------------------------------------------------------------------
-    async def _call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between two steps and await its result."""
+    async def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run `fn` on the engine thread between two steps and await its result; `what` names it in
+        the slow-work log line."""
         if self._thread is None:
             return await asyncio.to_thread(fn)
         future: Future = Future()
         with self._commands_lock:  # never queued after the thread's last drain: it would wait for ever
             if self._stop.is_set():
                 raise ServiceUnavailableError("engine is shutting down")
-            self._commands.put((fn, future))
+            self._commands.put((fn, future, what))
         self._wake.set()
         return await asyncio.wrap_future(future)
 
@@ -376,7 +388,10 @@ class EmbeddedEngine(Engine):
             try:
                 with torch.inference_mode():
                     self._run_commands()
-                    if not self._scheduler.step():
+                    started = time.perf_counter()
+                    stepped = self._scheduler.step()
+                    slow_work(started, self._scheduler.last_step)
+                    if not stepped:
                         self._wake.wait(timeout=0.5)
                         self._wake.clear()
             except Exception as exc:  # keep serving: fail the batch, not the process
@@ -386,7 +401,7 @@ class EmbeddedEngine(Engine):
         with self._commands_lock:  # what was queued but never run is told so, not left waiting
             while True:
                 try:
-                    _, future = self._commands.get_nowait()
+                    _, future, _ = self._commands.get_nowait()
                 except queue.Empty:
                     break
                 if future.set_running_or_notify_cancel():
@@ -395,15 +410,17 @@ class EmbeddedEngine(Engine):
     def _run_commands(self) -> None:
         while True:
             try:
-                fn, future = self._commands.get_nowait()
+                fn, future, what = self._commands.get_nowait()
             except queue.Empty:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
+            started = time.perf_counter()
             try:
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
+            slow_work(started, what)
 
     def _forward(self, rows: list[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:

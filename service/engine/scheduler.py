@@ -66,12 +66,14 @@ class Scheduler:
         self.last_tokens: list[int] = []
         self.batch_size = 0
         self.steps = 0
+        self.last_step = ""  # what the last `step` did, for the engine's slow-work log line
 
     def pending(self) -> int:
         return self.waiting.qsize() + (self.held is not None)
 
     def step(self) -> bool:
         """Retire, admit, retire, decode: one turn of the loop. False when there was nothing to do."""
+        self.last_step = ""
         self.retire_finished()
         admitted = self.admit()
         self.retire_finished()
@@ -122,6 +124,7 @@ class Scheduler:
 
     def _prefill(self, new: list[Row]) -> None:
         length = max(len(r.prompt_ids) for r in new)
+        self.last_step = f"prefill of {len(new)} rows, {sum(len(r.prompt_ids) for r in new)} prompt tokens; "
         input_ids = torch.tensor([[self.pad_id] * (length - len(r.prompt_ids)) + r.prompt_ids for r in new])
         mask = torch.tensor([[0] * (length - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in new])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -146,6 +149,7 @@ class Scheduler:
         self.mask = torch.cat([self.mask, torch.ones(len(self.running), 1, dtype=self.mask.dtype)], dim=1)
         positions = decode_positions([r.position for r in self.running], [r.rope_delta for r in self.running])
         self.batch_size = len(self.running)
+        self.last_step += f"decode of {len(self.running)} rows over {self.mask.shape[1]} positions"
         logits, self.cache = self.forward(self.running, input_ids, self.mask, positions, self.cache)
         self.token_mask.apply(logits, [r.grammar for r in self.running])
         logprobs = StepLogprobs(logits, self.running)

@@ -72,10 +72,7 @@ async def serve_completion(state: ServiceState, body: CompletionRequest, request
     if structured is not None:
         params = constrained(params, structured)
     deadline = Deadline.for_request(state)
-    slot = RequestSlot(state.ticket())
-    handed_over = False  # True once the stream owns the release
-
-    try:
+    with RequestSlot(state.ticket()) as slot:  # released on the way out, unless a stream took it over
         ids = [raw_prompt_ids(state, prompt, params.max_tokens, PARAM) for prompt in prompts]
         tokenizer = state.engine.tokenizer
         texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
@@ -93,7 +90,7 @@ async def serve_completion(state: ServiceState, body: CompletionRequest, request
         built = [_CompletionChoice(g, texts[g.prompt_index] if body.echo else "", tokens) for g in generations]
         request_id = new_request_id("cmpl")
         created = int(time.time())
-        model, label, headers = _answered_by(state, body.model, choices)
+        model, headers = _answered_by(state, body.model, choices)
 
         def deltas() -> AsyncGenerator[tuple[Generation, TokenDelta], None]:
             return run_generations(state, ENDPOINT, request_id, generations, (), deadline, PARAM)
@@ -136,21 +133,16 @@ async def serve_completion(state: ServiceState, body: CompletionRequest, request
                 yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage(generations)})
 
-        stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
-        handed_over = True
-        return stream
-    finally:
-        if not handed_over:
-            slot.release()
+        return stream_response(state, ENDPOINT, events(), slot, headers)
 
 
-def _answered_by(state: ServiceState, asked: str, choices: list[Choice]) -> tuple[str, str, dict[str, str]]:
-    """The response's `model`, the metrics label and the headers: the adapter that answered (its
+def _answered_by(state: ServiceState, asked: str, choices: list[Choice]) -> tuple[str, dict[str, str]]:
+    """The response's `model` and its headers: the adapter that answered (its
     routing decision in `X-Loramux-Route`), or, when a list of routed prompts went to different
     ones, `auto` and each prompt's adapter in order in `X-Loramux-Adapter`."""
     names = {choice.name for choice in choices}
     if len(names) == 1:
         name = choices[0].name
-        return name or model_name(state), name or "base", route_headers(choices[0])
+        return name or model_name(state), route_headers(choices[0])
     adapters = ",".join(f"{c.name}@{c.version}" if c.name else "base" for c in choices)
-    return AUTO_MODEL if asked == AUTO_MODEL else asked, "mixed", {"X-Loramux-Adapter": header_value(adapters)}
+    return AUTO_MODEL if asked == AUTO_MODEL else asked, {"X-Loramux-Adapter": header_value(adapters)}

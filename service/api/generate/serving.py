@@ -20,6 +20,7 @@ from service.inference import (
     generate_stream,
     new_request_id,
     prompt_ids,
+    refuse_certain_overflow,
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
@@ -34,13 +35,11 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
     param = "prompt" if body.prompt is not None else "messages"
     deadline = Deadline.for_request(state)
-    slot = RequestSlot(state.ticket())
-    handed_over = False  # True once the stream owns the release
-
-    try:
+    with RequestSlot(state.ticket()) as slot:  # released on the way out, unless a stream took it over
         # images are decoded once admitted, and they, routing and generation share the deadline
         messages = await until_done(request, load_chat_images(body.chat(), state.settings, state.engine.image_sizes),
                                     deadline)
+        refuse_certain_overflow(state, messages, params.max_tokens, param)  # before routing costs a forward
         # routing is a forward pass too: a client that is gone must not keep the engine busy
         choice = slot.choice = await until_done(request, choose(state, messages, body.adapter), deadline)
         images = chat_images(messages)
@@ -48,7 +47,6 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
         request_id = new_request_id("gen")
         outcome = Outcome()
         route_ms = choice.decision.latency_ms if choice.decision else 0.0
-        label = choice.name or "base"
         headers = route_headers(choice)
 
         def body_of() -> dict:
@@ -81,9 +79,4 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
                     yield sse({"text": delta.text, "completion_tokens": delta.completion_tokens})
             yield sse(body_of())
 
-        stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
-        handed_over = True
-        return stream
-    finally:
-        if not handed_over:
-            slot.release()
+        return stream_response(state, ENDPOINT, events(), slot, headers)

@@ -33,6 +33,7 @@ from service.inference import (
     choose,
     new_request_id,
     prompt_ids,
+    refuse_certain_overflow,
 )
 from service.multimodal import chat_images, load_chat_images
 from service.state import ServiceState
@@ -137,14 +138,12 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
     if structured is not None:
         params = constrained(params, structured)
     deadline = Deadline.for_request(state)
-    slot = RequestSlot(state.ticket())
-    handed_over = False  # True once the stream owns the release
-
-    try:
+    with RequestSlot(state.ticket()) as slot:  # released on the way out, unless a stream took it over
         # images are decoded once admitted, and they, routing and generation share the deadline
         messages = await until_done(request, load_chat_images(
             [m.as_template_dict() for m in body.messages], state.settings, state.engine.image_sizes), deadline)
         images = chat_images(messages)
+        refuse_certain_overflow(state, messages, params.max_tokens, "messages")  # before routing costs a forward
         choice = slot.choice = await until_done(request, choice_for_model(state, body.model, messages), deadline)
         ids = prompt_ids(state, messages, choice.adapter, params.max_tokens, "messages", images, tools)
         call_format = call_format_for(state, choice.adapter)
@@ -159,7 +158,6 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
         created = int(time.time())
         model = choice.name or model_name(state)
         headers = route_headers(choice)
-        label = choice.name or "base"
 
         def deltas() -> AsyncGenerator[tuple[Generation, TokenDelta], None]:
             return run_generations(state, ENDPOINT, request_id, generations, images, deadline)
@@ -221,12 +219,7 @@ async def serve_chat(state: ServiceState, body: ChatCompletionRequest, request: 
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(generations)})
 
-        stream = stream_response(state, ENDPOINT, label, events(), slot, headers)
-        handed_over = True
-        return stream
-    finally:
-        if not handed_over:
-            slot.release()
+        return stream_response(state, ENDPOINT, events(), slot, headers)
 
 
 def model_name(state: ServiceState) -> str:
