@@ -177,6 +177,34 @@ def test_runtime_add_and_remove(engine_and_refs, base_model, adapter_root):
     assert "delta@1" not in engine.loaded_adapters()
 
 
+def test_work_that_holds_the_engine_thread_is_logged_with_what_it_was(engine_and_refs, base_model, adapter_root,
+                                                                     monkeypatch, caplog):
+    """Everything on the engine thread holds up every running generation: the log says what held it
+    (a load, a routing prompt, a prefill and the batch it joined), so an operator can tell why streams
+    paused. With the threshold at 0 every piece of work is over it."""
+    from service.engine import embedded
+    from tests.support import make_lora_adapter
+
+    engine, refs, loop = engine_and_refs
+    extra = AdapterRef("epsilon", 1, make_lora_adapter(base_model, adapter_root / "epsilon-engine", seed=8))
+    monkeypatch.setattr(embedded, "SLOW_WORK_S", 0.0)
+    caplog.set_level("WARNING", logger="service.engine.embedded")
+    ids = chat_ids(engine, PROMPTS[0])
+
+    async def scenario() -> None:
+        await engine.add_adapter(extra)
+        await collect(engine, "held", ids, refs["alpha"], SamplingParams(max_tokens=3))
+        await engine.sequence_logprobs(ids, refs["alpha"], [[5], [6, 7]])
+        await engine.remove_adapter(extra)
+
+    loop.run_until_complete(scenario())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine thread busy")]
+    assert any(m.endswith("load epsilon@1") for m in said), said
+    assert any(m.endswith("unload epsilon@1") for m in said), said
+    assert any(f"prefill of 1 rows, {len(ids)} prompt tokens; decode of 1 rows" in m for m in said), said
+    assert any(m.endswith(f"route {len(ids)} prompt tokens over 2 names") for m in said), said
+
+
 def test_cached_prefix_gives_the_same_logprobs(engine_and_refs):
     from service.routing.router import Router
 

@@ -52,7 +52,7 @@ def slow_work(started: float, what: str) -> None:
     """Log work on the engine thread that held up every generation for more than SLOW_WORK_S: the
     one place an operator sees why streams paused (a long prefill, a load, a long routing prompt)."""
     took = time.perf_counter() - started
-    if took > SLOW_WORK_S:
+    if took > SLOW_WORK_S and what:  # nothing to name: a turn of the loop with nothing to do
         log.warning("engine thread busy %.1fs: %s", took, what)
 
 
@@ -417,10 +417,13 @@ class EmbeddedEngine(Engine):
                 continue
             started = time.perf_counter()
             try:
-                future.set_result(fn())
+                result = fn()
             except BaseException as exc:
+                slow_work(started, what)
                 future.set_exception(exc)
-            slow_work(started, what)
+            else:
+                slow_work(started, what)  # before the caller resumes: its log line comes first
+                future.set_result(result)
 
     def _forward(self, rows: list[Row], input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
