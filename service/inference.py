@@ -392,8 +392,9 @@ async def generate_stream(
     endpoint = record.endpoint if record is not None else endpoint
     arrived = request_arrival.get() or started
     metrics.queue_time.labels(label).observe(started - arrived)
-    outcome.prompt_tokens = len(ids)
-    metrics.prompt_tokens.labels(label).inc(len(ids))
+    # what the engine runs: each image counted as the tokens it expands to, as the context check counts it
+    outcome.prompt_tokens = prompt_length(len(ids), images, state.engine.image_sizes)
+    metrics.prompt_tokens.labels(label).inc(outcome.prompt_tokens)
     first = True
     last_token_at = started
     deadline = deadline or Deadline(started + state.settings.request_timeout_s, state.settings.request_timeout_s)

@@ -69,7 +69,7 @@ def test_baseline_separates_a_separable_dataset() -> None:
     assert result["name"] == "tfidf-logreg"
     assert result["accuracy"] == 1.0 and result["macro_f1"] == 1.0
     assert result["examples"] == 30 and result["train_examples"] == 60
-    assert result["train_seconds"] >= 0.0
+    assert result["train_seconds"] > 0.0  # it was timed: fitting the baseline takes some time
     # every answer right: each bin's gap is 1 - its mean confidence, so the ECE is 1 - the mean
     # confidence however the confidences are binned; one bin or ten must agree, and it cannot be 0
     one_bin = tfidf_logreg(synthetic(20, seed=1), synthetic(10, seed=2), LABELS, bins=1)["ece"]

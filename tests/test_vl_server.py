@@ -306,7 +306,10 @@ def test_the_default_pixel_cap_is_the_processors_own(url_server: str) -> None:
     assert response.status_code == 413, response.text
     assert "at most 262144 pixels" in response.json()["error"]["message"]
     at_cap = png_url(encoded(sample_image(RED, size=(512, 512))))
-    assert httpx.post(f"{url_server}/route", json={"messages": image_chat(at_cap)}, timeout=60).status_code == 200
+    routed = httpx.post(f"{url_server}/route", json={"messages": image_chat(at_cap)}, timeout=60)
+    assert routed.status_code == 200, routed.text
+    decision = routed.json()  # decoded and routed on: a decision over the router's names
+    assert decision["adapter"] in {c["adapter"] for c in decision["candidates"]}, decision
 
 
 def test_images_count_toward_the_context_before_anything_runs(url_server: str) -> None:
@@ -322,7 +325,10 @@ def test_images_count_toward_the_context_before_anything_runs(url_server: str) -
     found = re.search(r"prompt has (\d+) tokens", error["message"])
     assert found and 512 < int(found.group(1)) < 600, error  # both images' 256 tokens and the text
     body = {"model": "alpha", "messages": image_chat(image, image), "max_tokens": 400}  # fits: served
-    assert httpx.post(f"{url_server}/v1/chat/completions", json=body, timeout=120).status_code == 200
+    served = httpx.post(f"{url_server}/v1/chat/completions", json=body, timeout=120)
+    assert served.status_code == 200, served.text
+    # the count the refusal gave is the count the engine ran: one rule for both
+    assert served.json()["usage"]["prompt_tokens"] == int(found.group(1)), served.json()["usage"]
 
     four = image_chat(image, image, image, image)  # 1024 image tokens: over the router's budget (the context)
     for path, extra in (("/route", {}), ("/v1/chat/completions", {"model": "auto", "max_tokens": 1})):

@@ -58,9 +58,9 @@ def plan(prompts: Sequence[tuple[list[int], Choice]], params: SamplingParams, n:
 
 
 def usage(generations: Sequence[Generation]) -> dict[str, int]:
-    """The request's usage: each prompt counted once (as OpenAI and vLLM count it), every choice's
-    completion tokens summed."""
-    prompt = sum({g.prompt_index: len(g.ids) for g in generations}.values())
+    """The request's usage: each prompt counted once (as OpenAI and vLLM count it, images as the
+    tokens they expand to), every choice's completion tokens summed."""
+    prompt = sum({g.prompt_index: g.outcome.prompt_tokens for g in generations}.values())
     completion = sum(g.outcome.completion_tokens for g in generations)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
