@@ -35,7 +35,7 @@ class BadRequestError(LoramuxError):
 class ConstraintError(BadRequestError):
     """An output constraint (structured output, a forced tool call) that cannot be enforced. Raised
     by the grammar code and the engines without a field: the request path names the field the
-    constraint came from (`StructuredOutput.param`, see `constraint_field`)."""
+    constraint came from (`StructuredOutput.param`, see `inference.field_named`)."""
 
 
 class AuthenticationError(LoramuxError):
