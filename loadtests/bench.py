@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -143,7 +142,7 @@ def label_set_latency(base: BaseModelInfo, root: Path, engine: str, rounds: int 
             register_adapter(settings, base, "task", name, root / ADAPTERS[i % len(ADAPTERS)])
         register_adapter(settings, base, "router", "router", root / "router", labels=names)
         env = {"LORAMUX_REGISTRY": str(registry), "LORAMUX_ADAPTER_ROOT": str(root),
-               "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_ENGINE": engine, "LORAMUX_MAX_LORA_RANK": "8",
+               "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_ENGINE": engine,
                "LORAMUX_MAX_LORAS": str(len(names) + 2)}
         server = ServerProcess(env, startup_timeout=900).start(root / f"server-{engine}-{label_set}.log")
         try:
@@ -201,9 +200,7 @@ def serve_and_measure(base: BaseModelInfo, root: Path, engine: str) -> dict[str,
         register_adapter(settings, base, "task", name, root / name)
     register_adapter(settings, base, "router", "router", root / "router", labels=ADAPTERS)
     env = {"LORAMUX_REGISTRY": str(registry), "LORAMUX_ADAPTER_ROOT": str(root),
-           "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_ENGINE": engine,
-           # vLLM pads every adapter to max_lora_rank: on the CPU the default cap of 64 costs ~3x
-           "LORAMUX_MAX_LORA_RANK": "8" if engine == "vllm" else os.environ.get("LORAMUX_MAX_LORA_RANK", "64")}
+           "LORAMUX_CACHE_DIR": str(CACHE_DIR), "LORAMUX_ENGINE": engine}  # vLLM sizes its rank cap itself
     server = ServerProcess(env, startup_timeout=600).start(root / f"server-{engine}.log")
     try:
         figures = {"service_tok_s": asyncio.run(service_throughput(server.url))}

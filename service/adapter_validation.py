@@ -7,15 +7,16 @@ it must have been trained on this base model. Each refusal is an `AdapterValidat
 names the reason, so a bad adapter is a clear 4xx and never touches the engine; any other error
 while validating (an unreadable file, a malformed header) becomes one too.
 
-What is served is plain LoRA: the one form both engines run for many adapters in one batch (peft's
-per-row `adapter_names`, vLLM's punica kernels). So, besides the checks above:
+What is served is plain LoRA: the one form both engines run for many adapters in one batch (the
+embedded engine's `grouped_lora`, as peft's `adapter_names`; vLLM's punica kernels). So, besides
+the checks above:
 
 - Config fields are type-checked: `r` a positive int (not a bool), `lora_alpha` a positive finite
   number (peft's default 8 when absent), `lora_dropout` a number in [0, 1), `target_modules` a
   non-empty list of non-empty strings or one regex string, `use_rslora`/`fan_in_fan_out`/
   `inference_mode` bools, `exclude_modules` a string or a list of strings.
-- Refused, each with its reason: `use_dora: true` (peft refuses `adapter_names` with DoRA, so every
-  request batched with it would fail; vLLM has no DoRA), non-empty `modules_to_save` (whole module
+- Refused, each with its reason: `use_dora: true` (a magnitude vector per layer: neither engine
+  serves DoRA in a mixed batch), non-empty `modules_to_save` (whole module
   copies, not low-rank deltas), non-empty `rank_pattern`/`alpha_pattern` (per-module ranks: the
   rank cap, the shape check and vLLM's `max_lora_rank` sizing assume one rank per adapter),
   `bias` other than "none", `lora_bias`, QALoRA, aLoRA, BD-LoRA, `layer_replication`,

@@ -215,6 +215,15 @@ class AdapterManager:
             except Exception:  # the watcher must outlive any one bad registry state
                 log.exception("registry sync failed")
 
+    def registered_ranks(self) -> list[int]:
+        """The ranks of the versions the registry would load now (none if it cannot be read: the
+        first sync reports that), for engines that size their LoRA slots before they start."""
+        try:
+            snapshot = self.registry.load()
+        except Exception:  # the first sync logs and reports what is wrong
+            return []
+        return [v.rank for v in self.wanted_versions(snapshot)]
+
     def wanted_versions(self, snapshot: RegistrySnapshot) -> list[AdapterVersion]:
         """Active versions of every adapter, plus candidate router versions (for shadow routing)."""
         wanted = snapshot.active_versions()

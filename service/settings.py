@@ -26,12 +26,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAMUX_", extra="ignore", validate_default=True)
 
     # engine and model
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: embedded transformers+peft; vllm: vLLM")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: embedded transformers; vllm: vLLM")
     base_model: str = Field(DEFAULT_BASE_MODEL, description="'smollm2' (packaged) or a local HF model folder")
     base_model_name: str | None = Field(None, description="name of the base model in the API (default: derived)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     max_model_len: int = Field(2048, ge=64, description="context length: prompt + new tokens")
-    max_lora_rank: int = Field(64, ge=1, le=512)
+    max_lora_rank: int = Field(64, ge=1, le=512, description="largest adapter rank accepted (vLLM's own cap is "
+                               "sized to the registered adapters)")
 
     # files
     registry: Path = Field(PROJECT_ROOT / "config" / "loras.json", description="adapter registry (JSON)")

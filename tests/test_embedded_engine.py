@@ -318,10 +318,10 @@ def test_requests_joining_mid_decode_equal_plain_peft(engine_and_refs, base_mode
     assert len(tokens["a"]) == max_tokens  # A outlived both joins (no early end of sequence)
 
 
-def test_an_adapter_peft_refuses_leaves_no_trace(base_model, task_adapters, tmp_path):
-    """peft injects an adapter's layers before it copies the weights; when the copy fails the engine
-    takes them out again. On the bare model (the first adapter of an engine) they would otherwise stay
-    active in the base model's own answers; next to other adapters they leave those answers alone."""
+def test_an_adapter_the_engine_refuses_leaves_no_trace(base_model, task_adapters, tmp_path):
+    """The engine checks the tensors it will run (an adapter whose files changed after validation):
+    a refused one installs nothing, neither as the first adapter of an engine (it would act in the
+    base model's own answers) nor next to others (whose answers it would change)."""
     import shutil
 
     from service.errors import AdapterValidationError

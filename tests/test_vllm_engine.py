@@ -29,7 +29,7 @@ import tests.test_tool_calls as tool_suite  # noqa: E402
 from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
-from service.engine.vllm_engine import VLLMEngine  # noqa: E402
+from service.engine.vllm_engine import VLLMEngine, lora_rank_cap  # noqa: E402
 from service.errors import EngineError, GenerationInterruptedError  # noqa: E402
 from service.routing.router import Router  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -45,8 +45,8 @@ PROMPTS = [
     "Set a timer for ten minutes, please, I am cooking pasta tonight",
 ]
 NAMES: tuple[str | None, ...] = (None, *TASK_ADAPTERS)
-# vLLM pads every LoRA to max_lora_rank: the test adapters are rank 8, and rank 64 is ~3x slower on a CPU
-ENGINE_SETTINGS = {"max_model_len": 512, "max_lora_rank": 8, "max_loras": 4, "max_batch_size": 32}
+# no max_lora_rank: vLLM's is sized to the adapters (rank 8 here; the default of 64 was ~3x slower on a CPU)
+ENGINE_SETTINGS = {"max_model_len": 512, "max_loras": 4, "max_batch_size": 32}
 
 
 class Engines(EngineLoop):
@@ -337,6 +337,49 @@ def test_router_decisions_equal_the_embedded_router(engines, candidates, monkeyp
             assert a.probabilities[name] == pytest.approx(b.probabilities[name], abs=1e-3)
 
 
+@pytest.mark.parametrize(("ranks", "cap"), [((), 8), ((1,), 1), ((8, 4), 8), ((8, 12), 16), ((64,), 64),
+                                            ((300,), 320), ((600,), 512)])
+def test_the_rank_cap_is_the_smallest_vllm_size_that_fits(ranks, cap):
+    assert lora_rank_cap(ranks) == cap
+
+
+def test_an_adapter_over_the_rank_cap_restarts_vllm_at_a_larger_cap(engines, base_model, adapter_root):
+    """vLLM fixes `max_lora_rank` when it starts (it pads every adapter to it): the engine starts at the
+    smallest size that fits, and an adapter above it restarts vLLM at the next size. A generation in
+    flight ends with a retryable interruption; the resident adapters answer as before, the new one as
+    on the embedded engine."""
+    from tests.support import make_lora_adapter
+
+    engine = engines.vllm
+    assert engine.rank_cap == 8
+    wide = AdapterRef("wide", 1, make_lora_adapter(base_model, adapter_root / "wide-16", seed=9, rank=16), rank=16)
+    ids = chat_ids(engine, PROMPTS[1])
+    greedy = SamplingParams(max_tokens=12)
+    before, _, _ = engines.run(collect(engine, "before", ids, engines.refs["beta"], greedy))
+
+    async def restart_under_a_generation() -> None:
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        stream = engine.generate("in-flight", ids, engines.refs["alpha"], long)
+        await anext(stream)
+        await engine.add_adapter(wide)
+        with pytest.raises(GenerationInterruptedError, match="retry"):
+            async for _ in stream:
+                pass
+
+    engines.run(restart_under_a_generation())
+    assert engine.rank_cap == 16
+    after, _, _ = engines.run(collect(engine, "after", ids, engines.refs["beta"], greedy))
+    assert after == before
+    engines.run(engines.hf.add_adapter(wide))
+    try:
+        on_vllm, _, _ = engines.run(collect(engine, "wide", ids, wide, greedy))
+        on_hf, _, _ = engines.run(collect(engines.hf, "wide", ids, wide, greedy))
+        assert on_vllm == on_hf and on_vllm != before
+    finally:
+        engines.run(engines.hf.remove_adapter(wide))
+        engines.run(engine.remove_adapter(wide))
+
+
 # ---- a real `loramux serve --engine vllm` -------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(served_registry: Path, adapter_root: Path, tmp_path_factory) -> Iterator[Any]:
@@ -365,9 +408,10 @@ def http(server) -> Iterator[httpx.Client]:
         yield c
 
 
-def test_server_ready_on_vllm(http):
+def test_server_ready_on_vllm(http, server):
     ready = http.get("/ready").json()
     assert ready["status"] == "ready" and ready["engine"] == "vllm" and ready["adapters_loaded"] == 4
+    assert "vLLM started with max_lora_rank=8" in server.log()  # sized to the registry's rank-8 adapters
 
 
 def test_server_route_and_generate(http):

@@ -44,8 +44,9 @@ async def build_state(settings: Settings, engine: Engine | None = None) -> Servi
         resolve_base_model, settings.base_model, settings.cache_dir, settings.base_model_name
     )
     engine = engine or create_engine(settings, base)
-    await engine.start()
     manager = AdapterManager(settings, base, engine, Registry(settings.registry))
+    engine.size_lora(await asyncio.to_thread(manager.registered_ranks))
+    await engine.start()
     await manager.start()
     state = ServiceState(
         settings=settings,

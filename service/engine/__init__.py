@@ -1,7 +1,7 @@
 """Engines: what turns (prompt, adapter, sampling params) into tokens.
 
-`base.Engine` is the interface the HTTP layer talks to; `embedded.EmbeddedEngine` (transformers +
-peft, the default, runs anywhere) and `vllm_engine.VLLMEngine` (production, multi-LoRA on vLLM)
+`base.Engine` is the interface the HTTP layer talks to; `embedded.EmbeddedEngine` (transformers
+with its own grouped LoRA, the default, runs anywhere) and `vllm_engine.VLLMEngine` (production, multi-LoRA on vLLM)
 implement it. `create_engine` picks one from the settings.
 """
 

@@ -231,6 +231,11 @@ class Engine(abc.ABC):
         """Numbers for /metrics and /ready: queue depth, running sequences, batch size."""
         return {}
 
+    def size_lora(self, ranks: Sequence[int]) -> None:
+        """The ranks of the adapters the registry holds, told before `start`: an engine whose LoRA
+        slots have a fixed size (vLLM's `max_lora_rank`) sizes them to fit. Others ignore it."""
+        return None
+
     async def share_cpu(self, sharing: bool) -> None:
         """Another heavy process (a demo training beside the server) wants this machine's cores:
         use one CPU thread while `sharing`, the start-up count again after. Engines that do not

@@ -1,11 +1,13 @@
-"""The embedded engine: transformers + peft on the CPU (or a single GPU), every adapter resident.
+"""The embedded engine: transformers on the CPU (or a single GPU), every adapter resident.
 
-One base model is wrapped once in a `PeftModel`; each registered adapter version is loaded into
-it under its own name. A single worker thread owns the model (so adapter loads never race a
-forward pass) and runs the continuous batch (`scheduler`: admission, prefill, one decode step for
-every running sequence with peft's per-row `adapter_names`, a mixed-adapter batch), with the
-tokens drawn by `sampler` and routing scored by `scorer`. This module holds the model, its
-adapters and the forward pass; async callers talk to the thread through thread-safe queues.
+One base model as transformers builds it; every registered adapter version is its LoRA tensors
+(`lora_weights`, read off the engine thread), applied by `grouped_lora` to each row of a batch with
+its own adapter: one pair of matrix products per layer for all the adapters of a mixed batch,
+peft's numbers (the parity tests hold it to plain peft). A single worker thread owns the model (so
+adapter changes never race a forward pass) and runs the continuous batch (`scheduler`: admission,
+prefill, one decode step for every running sequence), with the tokens drawn by `sampler` and
+routing scored by `scorer`. This module holds the model, its adapters and the forward pass; async
+callers talk to the thread through thread-safe queues.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from service.context_window import ensure_fits
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.grammar import GrammarCompiler
+from service.engine.grouped_lora import BASE, GroupedLoRA
+from service.engine.lora_weights import LayerWeights, read_lora
 from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.sampler import row_generator
 from service.engine.scheduler import Row, Scheduler
@@ -44,7 +48,6 @@ log = logging.getLogger(__name__)
 
 SLOW_WORK_S = 1.0  # engine-thread work longer than this stalls every running generation: logged
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -56,11 +59,6 @@ def slow_work(started: float, what: str) -> None:
         log.warning("engine thread busy %.1fs: %s", took, what)
 
 
-def peft_name(adapter: AdapterRef) -> str:
-    """peft keys adapters by module-dict names, which may not contain dots."""
-    return f"{adapter.name}__v{adapter.version}".replace(".", "_")
-
-
 class EmbeddedEngine(Engine):
     name = "hf"
 
@@ -68,7 +66,7 @@ class EmbeddedEngine(Engine):
         self.settings = settings
         self.base = base
         self._tokenizer: Any = None
-        self._model: Any = None  # PeftModel once the first adapter is loaded, else the bare model
+        self._model: Any = None  # the base model as transformers built it; adapters live in `_lora`
         self._modules = BaseModules(frozenset(), {})
         self._vision: VisionInputs | None = None  # set for vision-language base models
         self._adapters: dict[str, AdapterRef] = {}
@@ -82,6 +80,7 @@ class EmbeddedEngine(Engine):
         self._eos: frozenset[int] = frozenset()
         self._grammars: GrammarCompiler | None = None  # structured output: xgrammar, for this tokenizer
         self._prefix_cache: dict[tuple[str, tuple[int, ...]], Any] = {}
+        self._lora: GroupedLoRA | None = None  # every adapter's LoRA, each row on its own (set by start)
         self._threads = torch.get_num_threads()  # what `share_cpu(False)` goes back to
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -99,6 +98,7 @@ class EmbeddedEngine(Engine):
         self._model = model
         self._vision = VisionInputs.for_model(self.base.path, model)
         self._modules = modules_of(model)
+        self._lora = GroupedLoRA(model)
         self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
         # the logits' width (the model's vocabulary, which may be padded beyond the tokenizer's) is the
         # grammar masks' width; a complete grammar allows only the tokens that end a generation here
@@ -157,61 +157,47 @@ class EmbeddedEngine(Engine):
 
     # ---- adapters ----------------------------------------------------------------------------
     async def add_adapter(self, adapter: AdapterRef) -> None:
-        await self._call(lambda: self._add_adapter(adapter), f"load {adapter.key}")
-
-    def _add_adapter(self, adapter: AdapterRef) -> None:
-        from peft import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftConfig, PeftModel
-
-        name = peft_name(adapter)
-        if name in self._adapters:
+        """Read the adapter's tensors on a worker thread; only putting them in place waits for the
+        engine thread (between two steps, microseconds), so a registration never pauses streams."""
+        if adapter.key in self._adapters:
             return
         try:
-            if not isinstance(self._model, PeftModel):  # wrapped, then loaded: a failed load can be taken out
-                config = PeftConfig.from_pretrained(str(adapter.path))
-                config.inference_mode = True  # as PeftModel.from_pretrained builds it, in two steps
-                wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
-                self._model = wrapper(self._model, config, adapter_name=name)
-            self._model.load_adapter(str(adapter.path), adapter_name=name, use_safetensors=True)
-        except Exception as exc:  # peft raises many types for bad weights; none may take the server down
-            log.warning("peft refused adapter %s: %s", adapter.key, exc)
-            # peft injects an adapter's layers before it copies the weights: a failed copy would
-            # leave them in every forward pass (on the bare model, active in its own answers)
-            if isinstance(self._model, PeftModel) and name in self._model.peft_config:
-                self._drop_from_peft(name)
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: peft refused its weights "
+            layers = await asyncio.to_thread(read_lora, adapter.path, self._modules.shapes)
+        except AdapterValidationError as exc:
+            log.warning("adapter %s refused by the engine: %s", adapter.key, exc.message)
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc.message}", param="path") from exc
+        except Exception as exc:  # an unreadable file (changed since validation): never the server's end
+            log.warning("adapter %s could not be read: %s", adapter.key, exc)
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: its weights could not be read "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
-        self._model.eval()
-        self._adapters[name] = adapter
+        await self._call(lambda: self._install(adapter, layers), f"load {adapter.key}")
 
-    def _drop_from_peft(self, name: str) -> None:
-        """Take adapter `name`'s layers out of the model (unloaded, or a load that failed)."""
-        if any(other != name for other in self._adapters):
-            self._model.delete_adapter(name)
-        else:  # peft keeps at least one adapter; unwrap back to the bare model instead
-            self._model = self._model.unload()
+    def _install(self, adapter: AdapterRef, layers: dict[str, LayerWeights]) -> None:
+        if adapter.key not in self._adapters:
+            self._lora.add(adapter.key, layers)
+            self._adapters[adapter.key] = adapter
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         await self._call(lambda: self._remove_adapter(adapter), f"unload {adapter.key}")
 
     def _remove_adapter(self, adapter: AdapterRef) -> None:
-        name = peft_name(adapter)
+        name = adapter.key
         if name not in self._adapters:
             return
         self._scheduler.interrupt(name, f"adapter {adapter.key} was unloaded while generating; retry")
-        self._drop_from_peft(name)
+        self._lora.remove(name)
         del self._adapters[name]
         self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
 
     def loaded_adapters(self) -> list[str]:
-        return sorted(a.key for a in self._adapters.values())
+        return sorted(self._adapters)
 
     def _adapter_name(self, adapter: AdapterRef | None) -> str:
         if adapter is None:
             return BASE
-        name = peft_name(adapter)
-        if name not in self._adapters:
+        if adapter.key not in self._adapters:
             raise EngineError(f"adapter {adapter.key} is not loaded")
-        return name
+        return adapter.key
 
     # ---- generation ----------------------------------------------------------------------------
     async def generate(
@@ -308,12 +294,12 @@ class EmbeddedEngine(Engine):
             ids = list(prompt_ids)
             if not images:
                 cache, past = self._cached_prefix(ids, name, prefix_len)
-                return scorer.packed_logprobs(self._model, cache, past, ids[past:], continuations,
-                                              self._adapter_kwargs([name]))
+                with self._rows([name]):
+                    return scorer.packed_logprobs(self._model, cache, past, ids[past:], continuations)
             logits, cache, start, delta = self._prompt_state(ids, name, prefix_len, images)
-            return scorer.continuation_logprobs(self._model, cache, logits, start, continuations,
-                                                lambda rows: self._adapter_kwargs([name] * rows), delta,
-                                                self._tokenizer.pad_token_id or 0)
+            with self._rows([name]):  # every candidate's row on the one adapter
+                return scorer.continuation_logprobs(self._model, cache, logits, start, continuations,
+                                                    rope_delta=delta, pad_id=self._tokenizer.pad_token_id or 0)
 
         return await self._call(run, f"route {len(prompt_ids)} prompt tokens over {len(continuations)} names")
 
@@ -326,18 +312,18 @@ class EmbeddedEngine(Engine):
         (their positions depend on the images)."""
         from transformers import DynamicCache
 
-        kwargs = self._adapter_kwargs([adapter])
         cache = DynamicCache(config=self._model.config)
         if images:
             vision = self._prepare_images(ids, images)
-            kwargs |= self._vision_kwargs([vision], torch.arange(len(vision.ids)).unsqueeze(0))
-            out = self._model(input_ids=torch.tensor([vision.ids]), past_key_values=cache, use_cache=True,
-                              logits_to_keep=1, **kwargs)
+            kwargs = self._vision_kwargs([vision], torch.arange(len(vision.ids)).unsqueeze(0))
+            with self._rows([adapter]):
+                out = self._model(input_ids=torch.tensor([vision.ids]), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1, **kwargs)
             return out.logits[0, -1], cache, len(vision.ids), vision.rope_delta
         cache, past = self._cached_prefix(ids, adapter, prefix_len)
-        out = self._model(input_ids=torch.tensor([ids[past:]]), past_key_values=cache,
-                          position_ids=torch.arange(past, len(ids)).unsqueeze(0), use_cache=True, logits_to_keep=1,
-                          **kwargs)
+        with self._rows([adapter]):
+            out = self._model(input_ids=torch.tensor([ids[past:]]), past_key_values=cache,
+                            position_ids=torch.arange(past, len(ids)).unsqueeze(0), use_cache=True, logits_to_keep=1)
         return out.logits[0, -1], cache, len(ids), None
 
     def _cached_prefix(self, ids: list[int], adapter: str, prefix_len: int) -> tuple[Any, int]:
@@ -352,8 +338,9 @@ class EmbeddedEngine(Engine):
         cached = self._prefix_cache.get(key)
         if cached is None:
             cached = DynamicCache(config=self._model.config)
-            self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
-                        logits_to_keep=1, **self._adapter_kwargs([adapter]))
+            with self._rows([adapter]):
+                self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
+                          logits_to_keep=1)
             if len(self._prefix_cache) >= 16:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
             self._prefix_cache[key] = cached
@@ -373,14 +360,12 @@ class EmbeddedEngine(Engine):
         self._wake.set()
         return await asyncio.wrap_future(future)
 
-    def _adapter_kwargs(self, names: list[str]) -> dict[str, Any]:
-        from peft import PeftModel
-
-        if isinstance(self._model, PeftModel):
-            return {"adapter_names": names}
-        if any(n != BASE for n in names):
-            raise EngineError("no adapters are loaded")
-        return {}
+    def _rows(self, names: list[str]) -> Any:
+        """The context in which a forward pass runs row i on adapter `names[i]` (BASE: none)."""
+        assert self._lora is not None  # set by start()
+        if any(n != BASE and n not in self._adapters for n in names):
+            raise EngineError("an adapter of this batch is not loaded")
+        return self._lora.rows(names)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
@@ -436,8 +421,9 @@ class EmbeddedEngine(Engine):
             where = self._vision_kwargs([r.vision for r in rows], positions)
         else:
             where = {"position_ids": positions}
-        out = self._model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                          logits_to_keep=1, **where, **self._adapter_kwargs([r.adapter for r in rows]))
+        with self._rows([r.adapter for r in rows]):
+            out = self._model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1, **where)
         return out.logits[:, -1, :], out.past_key_values
 
     @property

@@ -70,6 +70,18 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the `max_lora_rank` values vLLM accepts
+FIRST_RANK_CAP = 8  # before any adapter is known: the common small rank (the demo's), not vLLM's 1
+
+
+def lora_rank_cap(ranks: Sequence[int]) -> int:
+    """vLLM's `max_lora_rank` for adapters of these ranks: the smallest size it accepts that fits
+    them all. vLLM pads every adapter to this size and computes at it, so a cap of 64 for rank-8
+    adapters made the CPU engine about 4x slower (16 tok/s against 60 at 8)."""
+    need = max(ranks, default=FIRST_RANK_CAP)
+    return next((size for size in VLLM_LORA_RANKS if size >= need), VLLM_LORA_RANKS[-1])
+
+
 class _SchedulerStats:
     """A vLLM stat logger that only remembers the scheduler's last view (running / waiting
     requests), so `stats()` reports the engine's real batch instead of the frontend's guess."""
@@ -122,6 +134,8 @@ class VLLMEngine(Engine):
         self._vision = _vision_language(base)
         # the HF image processor vLLM itself runs: its sizes, for the checks before vLLM sees an image
         self._image_sizes = ImageSizes.for_model(base.path) if self._vision else None
+        self._rank_cap = lora_rank_cap(())  # vLLM's max_lora_rank: sized to the adapters (`size_lora`)
+        self._restart = asyncio.Lock()  # one restart at a time (a higher-rank adapter arriving)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def engine_args(self) -> Any:
@@ -151,7 +165,7 @@ class VLLMEngine(Engine):
             enable_lora=True,
             max_loras=max_loras,
             max_cpu_loras=max(s.max_cpu_loras, max_loras),
-            max_lora_rank=s.max_lora_rank,
+            max_lora_rank=self._rank_cap,
             tensor_parallel_size=s.tensor_parallel_size,
             enforce_eager=s.enforce_eager,
             enable_prefix_caching=True,
@@ -162,6 +176,16 @@ class VLLMEngine(Engine):
             **kwargs,
         )
 
+    def size_lora(self, ranks: Sequence[int]) -> None:
+        """Size vLLM's LoRA slots for the adapters the registry will load at start, so it starts
+        once at the right `max_lora_rank` (a larger adapter later restarts it: `add_adapter`)."""
+        self._rank_cap = lora_rank_cap(ranks)
+
+    @property
+    def rank_cap(self) -> int:
+        """vLLM's `max_lora_rank` now."""
+        return self._rank_cap
+
     async def start(self) -> None:
         """Start vLLM (its engine core and worker run in their own processes). Built inside the
         running loop on purpose: `AsyncLLM` binds its output queues to the loop that creates it."""
@@ -170,11 +194,16 @@ class VLLMEngine(Engine):
             if applied:
                 log.info("vLLM on CPU: environment defaults %s", applied)
         from transformers import AutoTokenizer
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.base.path)
         self._modules = await asyncio.to_thread(base_modules, self.base)
         self._eos = end_of_sequence_ids(self.base.path, self._tokenizer)
+        await self._start_llm()
+        log.info("vLLM started with max_lora_rank=%d", self._rank_cap)
+
+    async def _start_llm(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
         shim = self.settings.cache_dir / "vllm" / "vl-cpu-shim"
         with vl_cpu_shim.for_vllm_processes(shim) if self._vision else contextlib.nullcontext(False) as shimmed:
             if shimmed:
@@ -227,6 +256,8 @@ class VLLMEngine(Engine):
     async def add_adapter(self, adapter: AdapterRef) -> None:
         if adapter.key in self._adapters:
             return
+        if adapter.rank > self._rank_cap:
+            await self._raise_rank_cap(adapter)
         self._require_running()
         try:
             await self._llm.add_lora(self.lora_request(adapter))
@@ -235,6 +266,43 @@ class VLLMEngine(Engine):
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
         self._adapters[adapter.key] = adapter
+
+    async def _raise_rank_cap(self, adapter: AdapterRef) -> None:
+        """vLLM fixes `max_lora_rank` when it starts: an adapter above it needs vLLM restarted at a
+        larger size. Generations in flight end with a retryable interruption, requests during the
+        restart get 503, and the resident adapters are loaded again with their own ids."""
+        async with self._restart:
+            if adapter.rank <= self._rank_cap:  # another restart already made room
+                return
+            old_cap, self._rank_cap = self._rank_cap, lora_rank_cap([adapter.rank, self._rank_cap])
+            log.warning("vLLM: adapter %s has rank %d, over max_lora_rank %d: restarting vLLM with "
+                        "max_lora_rank=%d (generations in flight are interrupted; clients retry)",
+                        adapter.key, adapter.rank, old_cap, self._rank_cap)
+            llm, self._llm = self._llm, None
+            busy = list(self._inflight)
+            for rid in busy:
+                self._interrupted[rid] = "the engine restarted to serve a higher-rank adapter; retry"
+            if llm is not None:
+                if busy:
+                    await llm.abort(busy)
+                await asyncio.to_thread(llm.shutdown)
+            try:
+                await self._relaunch()
+            except Exception as exc:  # e.g. no memory for the larger slots: serve on as before, without it
+                log.exception("vLLM did not start with max_lora_rank=%d; back to %d", self._rank_cap, old_cap)
+                if self._llm is not None:  # started, then failed to take the adapters back
+                    llm, self._llm = self._llm, None
+                    await asyncio.to_thread(llm.shutdown)
+                self._rank_cap = old_cap
+                await self._relaunch()
+                raise AdapterValidationError(f"adapter {adapter.key} has rank {adapter.rank}, and the engine "
+                                             "could not be restarted at a size that fits it") from exc
+
+    async def _relaunch(self) -> None:
+        """Start vLLM at the current rank cap with every resident adapter (and the null LoRA)."""
+        await self._start_llm()
+        for resident in self._adapters.values():
+            await self._llm.add_lora(self.lora_request(resident))
 
     async def remove_adapter(self, adapter: AdapterRef) -> None:
         """Unload an adapter version; requests still using it are aborted first (the adapter
@@ -260,6 +328,9 @@ class VLLMEngine(Engine):
         return self.lora_request(adapter)
 
     def _require_running(self) -> None:
+        if self._llm is None and self._restart.locked():
+            raise ServiceUnavailableError("the engine is restarting to serve a higher-rank adapter; retry shortly",
+                                          headers={"Retry-After": "30"})
         if self._llm is None:
             raise ServiceUnavailableError("engine is not running")
 
