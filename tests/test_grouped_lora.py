@@ -54,6 +54,10 @@ def test_grouped_lora_gives_peft_logits(models):
         expected = reference(input_ids=ids, adapter_names=ROWS).logits
         with grouped.rows(ROWS):
             mixed = net(input_ids=ids).logits
+        without_delta = [BASE, "alpha", "beta", "alpha"]  # layers only delta touches get no row
+        with grouped.rows(without_delta):
+            partial = net(input_ids=ids[:4]).logits
+        partial_expected = reference(input_ids=ids[:4], adapter_names=without_delta).logits
         with grouped.rows(["beta"] * len(ROWS)):
             uniform = net(input_ids=ids).logits
         uniform_expected = reference(input_ids=ids, adapter_names=["beta"] * len(ROWS)).logits
@@ -67,6 +71,7 @@ def test_grouped_lora_gives_peft_logits(models):
     base_rows = [i for i, n in enumerate(ROWS) if n == BASE]
     assert torch.equal(mixed[base_rows], expected[base_rows])  # exact zeros were added to them
     torch.testing.assert_close(mixed, expected, rtol=0, atol=2e-4)
+    torch.testing.assert_close(partial, partial_expected, rtol=0, atol=2e-4)
     assert torch.equal(mixed.argmax(-1), expected.argmax(-1))
     # and the adapters do differ, so the comparison above says something about which row got which
     assert (expected[1] - expected[2]).abs().max() > 1e-2 and (expected[0] - expected[1]).abs().max() > 1e-2

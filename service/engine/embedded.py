@@ -165,7 +165,7 @@ class EmbeddedEngine(Engine):
             layers = await asyncio.to_thread(read_lora, adapter.path, self._modules.shapes)
         except AdapterValidationError as exc:
             log.warning("adapter %s refused by the engine: %s", adapter.key, exc.message)
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc.message}", param="path") from exc
+            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc.message}") from exc
         except Exception as exc:  # an unreadable file (changed since validation): never the server's end
             log.warning("adapter %s could not be read: %s", adapter.key, exc)
             raise AdapterValidationError(f"adapter {adapter.key} failed to load: its weights could not be read "
@@ -173,6 +173,7 @@ class EmbeddedEngine(Engine):
         await self._call(lambda: self._install(adapter, layers), f"load {adapter.key}")
 
     def _install(self, adapter: AdapterRef, layers: dict[str, LayerWeights]) -> None:
+        assert self._lora is not None  # set by start()
         if adapter.key not in self._adapters:
             self._lora.add(adapter.key, layers)
             self._adapters[adapter.key] = adapter
@@ -185,6 +186,7 @@ class EmbeddedEngine(Engine):
         if name not in self._adapters:
             return
         self._scheduler.interrupt(name, f"adapter {adapter.key} was unloaded while generating; retry")
+        assert self._lora is not None  # set by start()
         self._lora.remove(name)
         del self._adapters[name]
         self._prefix_cache = {k: v for k, v in self._prefix_cache.items() if k[0] != name}
@@ -318,12 +320,13 @@ class EmbeddedEngine(Engine):
             kwargs = self._vision_kwargs([vision], torch.arange(len(vision.ids)).unsqueeze(0))
             with self._rows([adapter]):
                 out = self._model(input_ids=torch.tensor([vision.ids]), past_key_values=cache, use_cache=True,
-                                logits_to_keep=1, **kwargs)
+                                  logits_to_keep=1, **kwargs)
             return out.logits[0, -1], cache, len(vision.ids), vision.rope_delta
         cache, past = self._cached_prefix(ids, adapter, prefix_len)
         with self._rows([adapter]):
             out = self._model(input_ids=torch.tensor([ids[past:]]), past_key_values=cache,
-                            position_ids=torch.arange(past, len(ids)).unsqueeze(0), use_cache=True, logits_to_keep=1)
+                              position_ids=torch.arange(past, len(ids)).unsqueeze(0), use_cache=True,
+                              logits_to_keep=1)
         return out.logits[0, -1], cache, len(ids), None
 
     def _cached_prefix(self, ids: list[int], adapter: str, prefix_len: int) -> tuple[Any, int]:
@@ -340,7 +343,7 @@ class EmbeddedEngine(Engine):
             cached = DynamicCache(config=self._model.config)
             with self._rows([adapter]):
                 self._model(input_ids=torch.tensor([ids[:prefix_len]]), past_key_values=cached, use_cache=True,
-                          logits_to_keep=1)
+                            logits_to_keep=1)
             if len(self._prefix_cache) >= 16:
                 self._prefix_cache.pop(next(iter(self._prefix_cache)))
             self._prefix_cache[key] = cached
@@ -423,7 +426,7 @@ class EmbeddedEngine(Engine):
             where = {"position_ids": positions}
         with self._rows([r.adapter for r in rows]):
             out = self._model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1, **where)
+                              use_cache=True, logits_to_keep=1, **where)
         return out.logits[:, -1, :], out.past_key_values
 
     @property

@@ -43,16 +43,21 @@ BASE = "__base__"  # a row without an adapter (peft's own name for it in `adapte
 
 @dataclass
 class _Layer:
-    """One LoRA-carrying linear layer: each adapter's A, B and scaling as peft holds them, and the
-    stacked matrices of the last set of adapters a batch used (kept while batches keep that set)."""
+    """One linear layer that adapters touch: each one's A, B and scaling, and the stacked matrices
+    of the last set of adapters a batch used (kept while batches keep that set: rebuilt only when
+    a row of another adapter joins or the last row of one leaves)."""
 
     weights: dict[str, LayerWeights]
     stacked_for: tuple[str, ...] = ()
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None
     widths: tuple[tuple[str, int], ...] = ()
 
-    def stack(self, present: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, int], ...]]:
+    def stack(self, present: tuple[str, ...]
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, int], ...]] | None:
+        """The stacked A and B of the adapters in `present` that this layer carries (None: none)."""
         here = tuple(n for n in present if n in self.weights)
+        if not here:
+            return None
         if self.stacked is None or self.stacked_for != here:
             self.stacked_for = here
             self.stacked = (torch.cat([self.weights[n][0] for n in here]),
@@ -142,9 +147,10 @@ class GroupedLoRA:
             return output + (F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(output.dtype)
         if x.shape[0] != len(plan.rows):
             raise EngineError("a mixed-adapter batch reached a LoRA layer whose input is not one row per sequence")
-        a, b, widths = layer.stack(plan.present)
-        if not widths:
+        stacked = layer.stack(plan.present)
+        if stacked is None:  # no row's adapter touches this layer
             return output
+        a, b, widths = stacked
         mask, scale = plan.mask(layer, widths, a.dtype)
         if x.dim() > 2:  # [rows, positions, features]: one mask row per sequence, for all its positions
             mask, scale = mask.unsqueeze(1), scale.unsqueeze(1)

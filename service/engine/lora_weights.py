@@ -38,7 +38,7 @@ def scaling_of(config: Mapping[str, object]) -> float:
     rank = config["r"]
     alpha = config.get("lora_alpha", DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or not isinstance(alpha, int | float):
-        raise AdapterValidationError("adapter_config.json has no usable r and lora_alpha", param="path")
+        raise AdapterValidationError("adapter_config.json has no usable r and lora_alpha")
     return float(alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
 
 
@@ -53,21 +53,21 @@ def read_lora(folder: Path, shapes: Mapping[str, tuple[int, int]]) -> dict[str, 
     for key, tensor in load_file(str(folder / WEIGHTS_FILE)).items():
         match = LORA_KEY.fullmatch(key)
         if match is None:
-            raise AdapterValidationError(f"{key} is not a LoRA matrix", param="path")
+            raise AdapterValidationError(f"{key} is not a LoRA matrix")
         halves.setdefault(match["module"].removeprefix(PREFIX), {})[match["which"]] = tensor
     if not halves:
-        raise AdapterValidationError("the adapter holds no LoRA weights", param="path")
+        raise AdapterValidationError("the adapter holds no LoRA weights")
     layers: dict[str, LayerWeights] = {}
     for module, pair in halves.items():
         if module not in shapes:
-            raise AdapterValidationError(f"{module} is not a linear layer of the base model", param="path")
+            raise AdapterValidationError(f"{module} is not a linear layer of the base model")
         if set(pair) != {"A", "B"}:
-            raise AdapterValidationError(f"{module} has lora_A or lora_B but not both", param="path")
+            raise AdapterValidationError(f"{module} has lora_A or lora_B but not both")
         a, b = pair["A"], pair["B"]
         width, height = shapes[module]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != width or b.shape[0] != height or a.shape[0] != b.shape[1]:
             raise AdapterValidationError(
                 f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit its {width} inputs and "
-                f"{height} outputs", param="path")
+                f"{height} outputs")
         layers[module] = (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous(), scaling)
     return layers
