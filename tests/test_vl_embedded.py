@@ -109,6 +109,45 @@ def test_batched_image_and_text_rows_equal_transformers(engine, tiny_vl: Path, v
     assert got[0] != got[1], "red and blue images gave the same tokens: the image did not reach the model"
 
 
+def test_a_lora_on_the_vision_tower_in_a_mixed_batch_equals_transformers(engine, tiny_vl: Path,
+                                                                         vl_adapters: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """An adapter with LoRA on the vision tower (whose inputs are image patches, not one row per
+    sequence) sent together with image and text requests on other adapters: every answer is the one
+    transformers + peft gives that request alone."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from tests.support import save_random_lora
+
+    eng, refs, loop = engine
+    tower = tmp_path / "tower"
+    save_random_lora(lambda: AutoModelForImageTextToText.from_pretrained(tiny_vl, dtype=torch.float32), tower, 5, 8,
+                     r".*(language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)|visual\.blocks\.\d+\.attn\.qkv)",
+                     4.0)
+    ref = AdapterRef("tower", 1, tower)
+    loop.run_until_complete(eng.add_adapter(ref))
+    red, blue = sample_image(RED), sample_image(BLUE, mark=1)
+    jobs = [(red, "What is on the screen?", "tower"), (blue, "What is on the screen?", "alpha"),
+            (None, "Turn on the lights", "tower"), (blue, "Name the tool.", "tower"), (red, "Describe it.", None)]
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+
+    async def one(i: int, image: Any, text: str, adapter: str | None) -> list[int]:
+        images = [] if image is None else [image]
+        chosen = ref if adapter == "tower" else refs[adapter] if adapter else None
+        return [t async for delta in eng.generate(f"tower{i}", ids_of(eng, chat(image, text)), chosen, params, images)
+                for t in delta.token_ids]
+
+    async def all_at_once() -> list[list[int]]:
+        return await asyncio.gather(*[one(i, *job) for i, job in enumerate(jobs)])
+
+    try:
+        got = loop.run_until_complete(all_at_once())
+    finally:
+        loop.run_until_complete(eng.remove_adapter(ref))
+    assert got == reference_tokens(tiny_vl, {**vl_adapters, "tower": tower}, jobs)
+
+
 def test_scoring_sees_the_image_and_the_adapter(engine) -> None:
     eng, refs, loop = engine
     candidates = eng.tokenizer.encode(" alpha beta gamma", add_special_tokens=False)[:3]

@@ -95,7 +95,7 @@ class Scheduler:
             if not self.is_loaded(row.adapter):
                 row.emit(GenerationInterruptedError("the request's adapter was unloaded before it started; retry"))
                 continue
-            if new and len(row.prompt_ids) > budget:
+            if new and (len(row.prompt_ids) > budget or self._apart(row, new)):
                 self.held = row
                 break
             new.append(row)
@@ -112,6 +112,14 @@ class Scheduler:
                     row.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
             raise
         return True
+
+    @staticmethod
+    def _apart(row: Row, new: list[Row]) -> bool:
+        """A prefill with images holds rows of one adapter: a vision tower's inputs are the images'
+        patches, not one row per sequence, so a LoRA on the tower needs the whole pass on one adapter
+        (`grouped_lora`; peft's `adapter_names` picked wrong rows there)."""
+        images = row.vision is not None or any(r.vision is not None for r in new)
+        return images and any(r.adapter != row.adapter for r in new)
 
     def _next_waiting(self) -> Row | None:
         if self.held is not None:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.api.common import SEED_FIELD, ChatMessage, Usage
+from service.api.common import SEED_FIELD, ChatMessage, SamplingFields, Usage
 
 
 def _not_nullable(schema: dict[str, Any]) -> None:
@@ -49,7 +49,10 @@ class PromptOrMessages(BaseModel):
         return [m.as_template_dict() for m in self.messages]
 
 
-class GenerateRequest(PromptOrMessages):
+class GenerateRequest(PromptOrMessages, SamplingFields):
+    """A generation on a named adapter or the router's choice, with the sampling fields chat takes
+    (`SamplingFields`: penalties, top_k, min_p, ignore_eos)."""
+
     adapter: str | None = Field(None, description="adapter to use; omitted: the router chooses")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)

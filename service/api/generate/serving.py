@@ -32,7 +32,8 @@ async def serve_generate(state: ServiceState, body: GenerateRequest, request: Re
     started = time.perf_counter()
     stop = stop_list(body.stop)
     check_limits(state.settings, body.messages, body.max_tokens, stop)
-    params = sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop, body.seed)
+    params = body.shape(sampling_params(state.settings, body.max_tokens, body.temperature, body.top_p, stop,
+                                        body.seed))
     param = "prompt" if body.prompt is not None else "messages"
     deadline = Deadline.for_request(state)
     with RequestSlot(state.ticket()) as slot:  # released on the way out, unless a stream took it over
