@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from service.adapter_validation import validate_adapter
 from service.base_model import BaseModelInfo
 from service.engine.base import AdapterRef, Engine
+from service.engine.errors import EngineError
 from service.errors import AdapterNotFoundError, AdapterValidationError, LoramuxError
 from service.names import name_problem
 from service.registry import AdapterVersion, Registry, RegistrySnapshot
@@ -306,7 +307,7 @@ class AdapterManager:
                     )
                 ref = AdapterRef(version.name, version.version, info.path, info.rank)
                 await self.engine.add_adapter(ref)
-            except LoramuxError as exc:
+            except (LoramuxError, EngineError) as exc:  # refused by validation, or by the engine
                 log.warning("adapter %s refused: %s", version.uid, exc.message)
                 self._fail(version, exc.message)
                 return

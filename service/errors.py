@@ -13,7 +13,10 @@ root, a library's exception text goes to the log, never into a message); this is
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.engine.errors import EngineError
 
 
 class LoramuxError(Exception):
@@ -30,12 +33,6 @@ class LoramuxError(Exception):
 class BadRequestError(LoramuxError):
     status_code = 400
     error_type = "invalid_request_error"
-
-
-class ConstraintError(BadRequestError):
-    """An output constraint (structured output, a forced tool call) that cannot be enforced. Raised
-    by the grammar code and the engines without a field: the request path names the field the
-    constraint came from (`StructuredOutput.param`, see `inference.field_named`)."""
 
 
 class AuthenticationError(LoramuxError):
@@ -97,22 +94,24 @@ class ClientDisconnectedError(LoramuxError):
     error_type = "client_disconnected"
 
 
-class EngineError(LoramuxError):
+class EngineFailedError(LoramuxError):
     status_code = 500
     error_type = "engine_error"
 
 
-class GenerationInterruptedError(LoramuxError):
-    """The engine stopped a generation before the model finished it (its adapter was unloaded, the
-    engine aborted it or shut down). Both engines end such a request with this error, never with a
-    finish reason: "abort" is not an OpenAI finish reason, and "stop" would pass a cut-off answer
-    for a complete one. The client may retry."""
+def from_engine(exc: EngineError, param: str | None = None) -> LoramuxError:
+    """An engine's report (`service.engine.errors`) as the service's error: its status and type,
+    `param` the request field the refused input came from (for a constraint: the constraint's own
+    field, when the caller knows it)."""
+    from service.engine import errors as engine_errors  # engines import this module's neighbours
 
-    status_code = 503
-    error_type = "service_unavailable"
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message, param, headers={"Retry-After": "1"})
+    if isinstance(exc, engine_errors.InputRefusedError):
+        return BadRequestError(exc.message, param)
+    if isinstance(exc, engine_errors.AdapterRefusedError):
+        return AdapterValidationError(exc.message, param)
+    if isinstance(exc, engine_errors.EngineUnavailableError):
+        return ServiceUnavailableError(exc.message, headers={"Retry-After": str(exc.retry_after_s)})
+    return EngineFailedError(exc.message)
 
 
 # ` at 0x7f3a...` (a repr's address) and any long hex address left on its own

@@ -21,14 +21,15 @@ from service import prompts
 from service.adapters import AdapterHold, ResolvedAdapter
 from service.context_window import ContextLengthError, ensure_fits, prompt_length
 from service.engine.base import SamplingParams, StructuredOutput, TokenDelta
+from service.engine.errors import ConstraintError, EngineError
 from service.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
     BadRequestError,
-    ConstraintError,
     DeadlineExceededError,
     LoramuxError,
     ServiceUnavailableError,
+    from_engine,
 )
 from service.request_ids import request_arrival
 from service.request_record import current_record, note_adapter
@@ -119,15 +120,19 @@ def new_request_id(prefix: str = "req") -> str:
 
 @contextlib.contextmanager
 def field_named(param: str, structured: StructuredOutput | None = None) -> Iterator[None]:
-    """Engines refuse input without naming an API field (they do not know the API); the request path
-    knows which field the input came from and names it on the way out: `param`, or for a refused
-    output constraint (`ConstraintError`) the field the constraint came from (`structured.param`)."""
+    """Engines report in their own terms (`service.engine.errors`: no status, no API field); the
+    request path knows which field the input came from, so an engine's report becomes the service's
+    error here (`errors.from_engine`) naming `param`, or for a refused output constraint
+    (`ConstraintError`) the field the constraint came from (`structured.param`). A service refusal
+    without a field (the context check) gets `param` too."""
     try:
         yield
+    except EngineError as exc:
+        constraint = isinstance(exc, ConstraintError) and structured is not None and structured.param
+        raise from_engine(exc, constraint or param) from exc
     except BadRequestError as exc:
         if exc.param is None:
-            constraint = isinstance(exc, ConstraintError) and structured is not None and structured.param
-            exc.param = constraint or param
+            exc.param = param
         raise
 
 

@@ -324,7 +324,7 @@ def test_an_adapter_the_engine_refuses_leaves_no_trace(base_model, task_adapters
     base model's own answers) nor next to others (whose answers it would change)."""
     import shutil
 
-    from service.errors import AdapterValidationError
+    from service.engine.errors import AdapterRefusedError
     from tests.support import make_wrong_shape
 
     shutil.copytree(task_adapters["alpha"], tmp_path / "wrong")
@@ -338,12 +338,12 @@ def test_an_adapter_the_engine_refuses_leaves_no_trace(base_model, task_adapters
         loop.run_until_complete(engine.start())
         ids = chat_ids(engine, PROMPTS[2])
         base_before, _ = loop.run_until_complete(collect(engine, "b0", ids, None, params))
-        with pytest.raises(AdapterValidationError, match="failed to load"):
+        with pytest.raises(AdapterRefusedError, match="failed to load"):
             loop.run_until_complete(engine.add_adapter(wrong[0]))
         assert loop.run_until_complete(collect(engine, "b1", ids, None, params))[0] == base_before
         loop.run_until_complete(engine.add_adapter(alpha))
         alpha_before, _ = loop.run_until_complete(collect(engine, "a0", ids, alpha, params))
-        with pytest.raises(AdapterValidationError, match="failed to load"):
+        with pytest.raises(AdapterRefusedError, match="failed to load"):
             loop.run_until_complete(engine.add_adapter(wrong[1]))
         assert loop.run_until_complete(collect(engine, "a1", ids, alpha, params))[0] == alpha_before
         assert loop.run_until_complete(collect(engine, "b2", ids, None, params))[0] == base_before

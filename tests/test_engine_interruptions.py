@@ -18,7 +18,8 @@ import pytest
 
 from service.engine.base import AdapterRef, SamplingParams
 from service.engine.embedded import EmbeddedEngine
-from service.errors import GenerationInterruptedError
+from service.engine.errors import GenerationInterruptedError
+from service.errors import from_engine
 from service.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -50,7 +51,8 @@ async def interruptions(engine: Any, ref: AdapterRef) -> list[tuple[str, int, in
                     assert delta.finish_reason in (None, "stop", "length")
                     seen = delta.completion_tokens
         assert seen < LONG.max_tokens
-        out.append((how, raised.value.status_code, raised.value.headers.get("Retry-After") is not None))
+        served = from_engine(raised.value)  # what a client gets: the status and header the API sends
+        out.append((how, served.status_code, served.headers.get("Retry-After") is not None))
     await engine.remove_adapter(ref)
     return out
 

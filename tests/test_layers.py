@@ -1,6 +1,6 @@
 """The layers of the tree hold (issue 14): the service runs without the training package, the request
-path and the engines know nothing of HTTP, engines name no API field, and benchmarks need no test
-helpers. Each is read off the code itself, so a new import that breaks a layer fails here."""
+path and the engines know nothing of HTTP, engines raise their own errors and name no API field, and
+benchmarks need no test helpers. Each is read off the code itself, so a new import that breaks a layer fails here."""
 
 from __future__ import annotations
 
@@ -28,10 +28,12 @@ def files(folder: str) -> list[Path]:
 
 
 def test_the_service_imports_without_the_training_package() -> None:
-    """Every service module imports with `training` made unimportable: a serving-only install works."""
+    """Every service module imports with `training` and `peft` (the training extra's) made unimportable:
+    a serving-only install works."""
     script = (
         "import importlib, pkgutil, sys\n"
         "sys.modules['training'] = None\n"  # any `import training...` now raises ImportError
+        "sys.modules['peft'] = None\n"
         "import service\n"
         "for m in pkgutil.walk_packages(service.__path__, 'service.'):\n"
         "    importlib.import_module(m.name)\n"
@@ -55,6 +57,13 @@ def test_engines_name_no_api_field() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):
                 assert not any(k.arg == "param" for k in node.keywords), (path.name, node.lineno)
+
+
+def test_engines_raise_engine_errors() -> None:
+    """Engines report in their own terms (`service.engine.errors`, no HTTP status); the request path
+    maps them to the service's errors (`errors.from_engine`)."""
+    for path in files("service/engine"):
+        assert "service.errors" not in imports_of(path), path.name
 
 
 def test_benchmarks_do_not_import_test_helpers() -> None:

@@ -192,9 +192,9 @@ def test_top_k_min_p_and_penalties_change_answers_as_defined(client):
 
 
 def test_generate_takes_the_same_sampling_fields(server):
-    """`/generate` (the native endpoint) takes chat's sampling fields with the same meanings: top_k=1
-    leaves only the greedy token, ignore_eos runs to max_tokens, and a field out of range is a 400
-    that names it."""
+    """`/generate` (the native endpoint) takes chat's sampling fields with the same meanings (one shared
+    `SamplingFields`): top_k=1 leaves only the greedy token, top_k=3 changes a free sample, and a field
+    out of range is a 400 that names it."""
     import httpx
 
     with httpx.Client(base_url=server.url, timeout=120) as http:
@@ -206,11 +206,6 @@ def test_generate_takes_the_same_sampling_fields(server):
         assert generate(temperature=1.0, seed=3, top_k=1).json()["text"] == greedy["text"]
         assert generate(temperature=1.5, seed=21, max_tokens=16).json()["text"] != generate(
             temperature=1.5, seed=21, max_tokens=16, top_k=3).json()["text"]
-        short = generate(max_tokens=40).json()
-        assert short["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 40
-        longer = generate(max_tokens=40, ignore_eos=True).json()
-        assert longer["finish_reason"] == "length" and longer["usage"]["completion_tokens"] == 40
-        assert longer["text"].startswith(short["text"])
         refused = generate(top_k=-2)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_k"
 

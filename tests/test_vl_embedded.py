@@ -20,7 +20,7 @@ import pytest
 from service.base_model import resolve_base_model
 from service.engine.base import AdapterRef, SamplingParams
 from service.engine.embedded import EmbeddedEngine
-from service.errors import BadRequestError
+from service.engine.errors import InputRefusedError
 from service.settings import Settings
 from tests.vl_support import load_vl_processor, sample_image
 
@@ -175,7 +175,7 @@ def test_image_count_must_match_the_placeholders(engine) -> None:
         async for _ in eng.generate("bad", ids, None, SamplingParams(max_tokens=2), [sample_image(RED)]):
             pass
 
-    with pytest.raises(BadRequestError, match="0 image placeholders for 1 images"):
+    with pytest.raises(InputRefusedError, match="0 image placeholders for 1 images"):
         loop.run_until_complete(run())
     assert eng.accepts_images
 

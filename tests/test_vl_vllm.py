@@ -27,8 +27,9 @@ pytest.importorskip("vllm", reason="the vLLM engine tests need `vllm` (GPU) or `
 from service.adapter_validation import validate_adapter  # noqa: E402
 from service.base_model import BaseModelInfo, resolve_base_model  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams, TokenDelta  # noqa: E402
+from service.engine.errors import InputRefusedError  # noqa: E402
 from service.engine.vllm_engine import VLLMEngine  # noqa: E402
-from service.errors import BadRequestError  # noqa: E402
+from service.errors import from_engine  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.support import EngineLoop  # noqa: E402
 from tests.vl_support import build_tiny_qwen3_vl, image_data_url, make_vl_lora_adapter, sample_image  # noqa: E402
@@ -191,8 +192,9 @@ def test_images_beyond_the_context_are_the_clients_error(vl: EngineHolder) -> No
     ids = chat_ids(engine, "Compare these.", images=4)
     assert len(ids) < 100
     big = [sample_image(color, size=(512, 512)) for color in (RED, BLUE, RED, BLUE)]
-    with pytest.raises(BadRequestError, match="too long once its images are expanded"):  # no engine text
+    with pytest.raises(InputRefusedError, match="too long once its images are expanded") as refused:  # no engine text
         vl.run(collect(engine, "too-long", ids, None, SamplingParams(max_tokens=3), big))
+    assert from_engine(refused.value).status_code == 400
     tokens, _ = vl.run(collect(engine, "after", chat_ids(engine, "Still there?"), None, SamplingParams(max_tokens=2),
                                [sample_image(BLUE)]))
     assert tokens  # the engine is fine afterwards

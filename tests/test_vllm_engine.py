@@ -29,8 +29,8 @@ import tests.test_tool_calls as tool_suite  # noqa: E402
 from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
+from service.engine.errors import EngineError, GenerationInterruptedError  # noqa: E402
 from service.engine.vllm_engine import VLLMEngine, lora_rank_cap  # noqa: E402
-from service.errors import EngineError, GenerationInterruptedError  # noqa: E402
 from service.routing.router import Router  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.conftest import CACHE_DIR, TASK_ADAPTERS  # noqa: E402

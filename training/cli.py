@@ -51,6 +51,7 @@ def _friendly_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from service.engine.errors import EngineError
         from service.errors import LoramuxError
         from training.data.chats import DatasetError
         from training.data.splits import SplitError
@@ -60,7 +61,7 @@ def _friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (CliError, DatasetError, SplitError, TrainError, FileNotFoundError) as exc:
             message = str(exc)
-        except LoramuxError as exc:
+        except (LoramuxError, EngineError) as exc:  # the service's refusals, and an engine's (evaluation)
             message = exc.message
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2)

@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from service.errors import LoramuxError, error_body, error_from_exception
+from service.engine.errors import EngineError
+from service.errors import LoramuxError, error_body, error_from_exception, from_engine
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ def install_exception_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             log.warning("%s %s: %d %s", request.method, endpoint_label(request), exc.status_code, exc.message)
         return JSONResponse(error_from_exception(exc), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        """An engine's report the request path did not map (it maps those of generation and
+        routing, naming the field): the same status, without a field."""
+        return await loramux_error(request, from_engine(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,7 +23,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.api.common import route_info
-from service.errors import LoramuxError, error_from_exception
+from service.engine.errors import EngineError
+from service.errors import LoramuxError, error_from_exception, from_engine
 from service.inference import Choice
 from service.request_record import CLIENT_CLOSED, current_record, note_status
 
@@ -102,7 +103,9 @@ def stream_response(state: ServiceState, endpoint: str, events: AsyncGenerator[s
             try:
                 async for event in events:
                     yield event
-            except LoramuxError as exc:
+            except (LoramuxError, EngineError) as exc:
+                if isinstance(exc, EngineError):  # one the request path did not map (it maps them all)
+                    exc = from_engine(exc)
                 record = current_record.get()  # the route template, as every other error is counted by
                 state.metrics.errors.labels(record.endpoint if record else endpoint, exc.error_type).inc()
                 note_status(exc.status_code)  # the request counter counts the error, not the 200 sent first

@@ -28,6 +28,13 @@ from service.base_model import BaseModelInfo, load_base_model
 from service.context_window import ensure_fits
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
+from service.engine.errors import (
+    AdapterRefusedError,
+    EngineFailureError,
+    EngineUnavailableError,
+    GenerationInterruptedError,
+    InputRefusedError,
+)
 from service.engine.grammar import GrammarCompiler
 from service.engine.grouped_lora import BASE, GroupedLoRA
 from service.engine.lora_weights import LayerWeights, read_lora
@@ -35,13 +42,6 @@ from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.sampler import row_generator
 from service.engine.scheduler import Row, Scheduler
 from service.engine.vision import ImageSizes, VisionInputs, VisionPrompt, mrope_positions
-from service.errors import (
-    AdapterValidationError,
-    BadRequestError,
-    EngineError,
-    GenerationInterruptedError,
-    ServiceUnavailableError,
-)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class EmbeddedEngine(Engine):
 
     def _prepare_images(self, ids: Sequence[int], images: Sequence[Any]) -> VisionPrompt:
         if self._vision is None:
-            raise BadRequestError("the base model does not accept images")
+            raise InputRefusedError("the base model does not accept images")
         return self._vision.prepare(ids, images, self._model.dtype)
 
     def _vision_kwargs(self, prompts: list[VisionPrompt | None], positions: torch.Tensor) -> dict[str, Any]:
@@ -163,12 +163,12 @@ class EmbeddedEngine(Engine):
             return
         try:
             layers = await asyncio.to_thread(read_lora, adapter.path, self._modules.shapes)
-        except AdapterValidationError as exc:
+        except AdapterRefusedError as exc:
             log.warning("adapter %s refused by the engine: %s", adapter.key, exc.message)
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: {exc.message}") from exc
+            raise AdapterRefusedError(f"adapter {adapter.key} failed to load: {exc.message}") from exc
         except Exception as exc:  # an unreadable file (changed since validation): never the server's end
             log.warning("adapter %s could not be read: %s", adapter.key, exc)
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: its weights could not be read "
+            raise AdapterRefusedError(f"adapter {adapter.key} failed to load: its weights could not be read "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
         await self._call(lambda: self._install(adapter, layers), f"load {adapter.key}")
 
@@ -198,7 +198,7 @@ class EmbeddedEngine(Engine):
         if adapter is None:
             return BASE
         if adapter.key not in self._adapters:
-            raise EngineError(f"adapter {adapter.key} is not loaded")
+            raise EngineFailureError(f"adapter {adapter.key} is not loaded")
         return adapter.key
 
     # ---- generation ----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class EmbeddedEngine(Engine):
         images: Sequence[Any] = (),
     ) -> AsyncIterator[TokenDelta]:
         if self._thread is None or self._stop.is_set():
-            raise ServiceUnavailableError("engine is not running")
+            raise EngineUnavailableError("engine is not running")
         vision = None
         if images:
             vision = await asyncio.to_thread(self._prepare_images, prompt_ids, images)
@@ -358,7 +358,7 @@ class EmbeddedEngine(Engine):
         future: Future = Future()
         with self._commands_lock:  # never queued after the thread's last drain: it would wait for ever
             if self._stop.is_set():
-                raise ServiceUnavailableError("engine is shutting down")
+                raise EngineUnavailableError("engine is shutting down")
             self._commands.put((fn, future, what))
         self._wake.set()
         return await asyncio.wrap_future(future)
@@ -367,7 +367,7 @@ class EmbeddedEngine(Engine):
         """The context in which a forward pass runs row i on adapter `names[i]` (BASE: none)."""
         assert self._lora is not None  # set by start()
         if any(n != BASE and n not in self._adapters for n in names):
-            raise EngineError("an adapter of this batch is not loaded")
+            raise EngineFailureError("an adapter of this batch is not loaded")
         return self._lora.rows(names)
 
     def _loop(self) -> None:
@@ -393,7 +393,7 @@ class EmbeddedEngine(Engine):
                 except queue.Empty:
                     break
                 if future.set_running_or_notify_cancel():
-                    future.set_exception(ServiceUnavailableError("engine is shutting down"))
+                    future.set_exception(EngineUnavailableError("engine is shutting down"))
 
     def _run_commands(self) -> None:
         while True:

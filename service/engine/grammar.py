@@ -37,7 +37,7 @@ import torch
 import xgrammar as xgr
 
 from service.engine.base import StructuredOutput
-from service.errors import ConstraintError, ServiceUnavailableError
+from service.engine.errors import ConstraintError, EngineUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,7 @@ async def bounded(fn: Callable[[], T], param: str) -> T:
         if started.is_set():
             raise ConstraintError(f"{param}: the constraint is too complex (compiling it took over "
                                   f"{COMPILE_TIMEOUT_S:g} s)") from None
-        raise ServiceUnavailableError("the server is busy compiling other constraints; retry",
-                                      headers={"Retry-After": "1"}) from None
+        raise EngineUnavailableError("the server is busy compiling other constraints; retry", retry_after_s=1) from None
 
 
 async def check(structured: StructuredOutput) -> None:

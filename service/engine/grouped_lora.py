@@ -35,8 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from service.engine.errors import EngineFailureError
 from service.engine.lora_weights import LayerWeights
-from service.errors import EngineError
 
 BASE = "__base__"  # a row without an adapter (peft's own name for it in `adapter_names`)
 
@@ -146,7 +146,8 @@ class GroupedLoRA:
             a, b, scaling = layer.weights[plan.uniform]
             return output + (F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(output.dtype)
         if x.shape[0] != len(plan.rows):
-            raise EngineError("a mixed-adapter batch reached a LoRA layer whose input is not one row per sequence")
+            raise EngineFailureError("a mixed-adapter batch reached a LoRA layer whose input is not one row per "
+                                     "sequence")
         stacked = layer.stack(plan.present)
         if stacked is None:  # no row's adapter touches this layer
             return output

@@ -9,7 +9,7 @@ engine thread is putting the tensors in place (`GroupedLoRA.add`), microseconds.
 The folder was validated at registration (`adapter_validation`: plain LoRA, safetensors, shapes);
 this is the engine's own check on the tensors it will run: every matrix on a linear layer of the
 base model, A `[r, in_features]` and B `[out_features, r]` in pairs, else nothing is installed and
-the caller gets an `AdapterValidationError`. The numbers are peft's: scaling `lora_alpha / r`
+the caller gets an `AdapterRefusedError`. The numbers are peft's: scaling `lora_alpha / r`
 (`/ sqrt(r)` with rsLoRA), weights kept in float32 as peft keeps them for every base dtype
 (`autocast_adapter_dtype`).
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from service.adapter_validation import DEFAULT_LORA_ALPHA, LORA_KEY
-from service.errors import AdapterValidationError
+from service.engine.errors import AdapterRefusedError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's prefix before the base model's own module names
@@ -38,7 +38,7 @@ def scaling_of(config: Mapping[str, object]) -> float:
     rank = config["r"]
     alpha = config.get("lora_alpha", DEFAULT_LORA_ALPHA)
     if not isinstance(rank, int) or not isinstance(alpha, int | float):
-        raise AdapterValidationError("adapter_config.json has no usable r and lora_alpha")
+        raise AdapterRefusedError("adapter_config.json has no usable r and lora_alpha")
     return float(alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
 
 
@@ -53,20 +53,20 @@ def read_lora(folder: Path, shapes: Mapping[str, tuple[int, int]]) -> dict[str, 
     for key, tensor in load_file(str(folder / WEIGHTS_FILE)).items():
         match = LORA_KEY.fullmatch(key)
         if match is None:
-            raise AdapterValidationError(f"{key} is not a LoRA matrix")
+            raise AdapterRefusedError(f"{key} is not a LoRA matrix")
         halves.setdefault(match["module"].removeprefix(PREFIX), {})[match["which"]] = tensor
     if not halves:
-        raise AdapterValidationError("the adapter holds no LoRA weights")
+        raise AdapterRefusedError("the adapter holds no LoRA weights")
     layers: dict[str, LayerWeights] = {}
     for module, pair in halves.items():
         if module not in shapes:
-            raise AdapterValidationError(f"{module} is not a linear layer of the base model")
+            raise AdapterRefusedError(f"{module} is not a linear layer of the base model")
         if set(pair) != {"A", "B"}:
-            raise AdapterValidationError(f"{module} has lora_A or lora_B but not both")
+            raise AdapterRefusedError(f"{module} has lora_A or lora_B but not both")
         a, b = pair["A"], pair["B"]
         width, height = shapes[module]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != width or b.shape[0] != height or a.shape[0] != b.shape[1]:
-            raise AdapterValidationError(
+            raise AdapterRefusedError(
                 f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit its {width} inputs and "
                 f"{height} outputs")
         layers[module] = (a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous(), scaling)

@@ -21,12 +21,12 @@ import torch
 
 from service.engine import kv_batch
 from service.engine.base import SamplingParams, TokenDelta, TokenLogprob
+from service.engine.errors import EngineFailureError, GenerationInterruptedError
 from service.engine.grammar import RowGrammar, TokenMask
 from service.engine.logprobs import StepLogprobs
 from service.engine.output import OutputBuilder
 from service.engine.sampler import sample
 from service.engine.vision import VisionPrompt, decode_positions
-from service.errors import EngineError, GenerationInterruptedError
 from service.settings import Settings
 
 Forward = Callable[[list["Row"], torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -109,7 +109,7 @@ class Scheduler:
             # rows that never joined the batch would otherwise wait for a token forever
             for row in new:
                 if row not in self.running:
-                    row.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
+                    row.emit(EngineFailureError(f"generation failed ({type(exc).__name__}; see the server log)"))
             raise
         return True
 
@@ -175,7 +175,7 @@ class Scheduler:
                 continue
             if row.grammar is not None and not row.grammar.accept(token):  # never expected: it was masked
                 row.aborted = True
-                row.emit(EngineError("the constrained generation failed (see the server log)"))
+                row.emit(EngineFailureError("the constrained generation failed (see the server log)"))
                 continue
             row.output_ids.append(token)
             delta = row.output.step([token], logprobs=[logprob] if logprob is not None else ())
@@ -206,7 +206,7 @@ class Scheduler:
     def fail_running(self, exc: BaseException) -> None:
         """A step failed: fail the batch, not the process."""
         for row in self.running:
-            row.emit(EngineError(f"generation failed ({type(exc).__name__}; see the server log)"))
+            row.emit(EngineFailureError(f"generation failed ({type(exc).__name__}; see the server log)"))
         self.clear()
 
     def stop(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from service.base_model import is_vision_language
-from service.errors import BadRequestError
+from service.engine.errors import InputRefusedError
 
 MAX_ASPECT_RATIO = 200  # Qwen-VL processors refuse longer sides than this times the shorter
 
@@ -68,7 +68,7 @@ class ImageSizes:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise BadRequestError(f"image is {width}x{height} pixels; its sides may differ at most "
+            raise InputRefusedError(f"image is {width}x{height} pixels; its sides may differ at most "
                                   f"{MAX_ASPECT_RATIO} times")
         factor = self.patch * self.merge
         h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
@@ -95,7 +95,7 @@ class VisionInputs:
     def prepare(self, ids: Sequence[int], images: Sequence[Any], dtype: torch.dtype) -> VisionPrompt:
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(images):
-            raise BadRequestError(f"the prompt has {len(slots)} image placeholders for {len(images)} images "
+            raise InputRefusedError(f"the prompt has {len(slots)} image placeholders for {len(images)} images "
                                   "(does the base model's chat template render image parts?)")
         batch = self.processor(images=list(images), return_tensors="pt")
         grid = batch["image_grid_thw"]

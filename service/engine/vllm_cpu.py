@@ -20,7 +20,7 @@ from pathlib import Path
 
 from service.adapter_validation import BaseModules
 from service.base_model import BaseModelInfo
-from service.errors import EngineError
+from service.engine.errors import EngineFailureError
 
 GIB = 1 << 30
 
@@ -73,7 +73,7 @@ def write_null_lora(base: BaseModelInfo, folder: Path, modules: BaseModules) -> 
     from safetensors.torch import save_file
     candidates = sorted(n for n in modules.shapes if n.endswith(".self_attn.q_proj") and ".layers.0." in n)
     if not candidates:
-        raise EngineError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
+        raise EngineFailureError("base model has no layers.0.self_attn.q_proj to hang the null LoRA on")
     target = candidates[0]
     inputs, outputs = modules.shapes[target]
     folder.mkdir(parents=True, exist_ok=True)

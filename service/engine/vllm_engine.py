@@ -54,17 +54,17 @@ from service.engine.base import (
     TokenDelta,
     TokenLogprob,
 )
+from service.engine.errors import (
+    AdapterRefusedError,
+    ConstraintError,
+    EngineFailureError,
+    EngineUnavailableError,
+    GenerationInterruptedError,
+    InputRefusedError,
+)
 from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.vision import ImageSizes
 from service.engine.vllm_cpu import GIB, cpu_env_defaults, running_on_cpu, write_null_lora
-from service.errors import (
-    AdapterValidationError,
-    BadRequestError,
-    ConstraintError,
-    EngineError,
-    GenerationInterruptedError,
-    ServiceUnavailableError,
-)
 from service.routing.candidates import needed_steps, total
 from service.settings import Settings
 
@@ -263,7 +263,7 @@ class VLLMEngine(Engine):
             await self._llm.add_lora(self.lora_request(adapter))
         except Exception as exc:  # vLLM raises many types for bad weights; none may take the server down
             log.warning("vLLM refused adapter %s: %s", adapter.key, exc)
-            raise AdapterValidationError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
+            raise AdapterRefusedError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
                                          f"({type(exc).__name__}; the server log has the details)") from exc
         self._adapters[adapter.key] = adapter
 
@@ -295,7 +295,7 @@ class VLLMEngine(Engine):
                     await asyncio.to_thread(llm.shutdown)
                 self._rank_cap = old_cap
                 await self._relaunch()
-                raise AdapterValidationError(f"adapter {adapter.key} has rank {adapter.rank}, and the engine "
+                raise AdapterRefusedError(f"adapter {adapter.key} has rank {adapter.rank}, and the engine "
                                              "could not be restarted at a size that fits it") from exc
 
     async def _relaunch(self) -> None:
@@ -324,15 +324,15 @@ class VLLMEngine(Engine):
         if adapter is None:
             return self._null_lora
         if adapter.key not in self._adapters:
-            raise EngineError(f"adapter {adapter.key} is not loaded")
+            raise EngineFailureError(f"adapter {adapter.key} is not loaded")
         return self.lora_request(adapter)
 
     def _require_running(self) -> None:
         if self._llm is None and self._restart.locked():
-            raise ServiceUnavailableError("the engine is restarting to serve a higher-rank adapter; retry shortly",
-                                          headers={"Retry-After": "30"})
+            raise EngineUnavailableError("the engine is restarting to serve a higher-rank adapter; retry shortly",
+                                         retry_after_s=30)
         if self._llm is None:
-            raise ServiceUnavailableError("engine is not running")
+            raise EngineUnavailableError("engine is not running")
 
     # ---- generation ----------------------------------------------------------------------------
     def _prompt(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> Any:
@@ -343,7 +343,7 @@ class VLLMEngine(Engine):
         if not images:
             return TokensPrompt(prompt_token_ids=list(prompt_ids))
         if not self._vision:
-            raise BadRequestError("the base model does not accept images (it is not a vision-language model)")
+            raise InputRefusedError("the base model does not accept images (it is not a vision-language model)")
         return TokensPrompt(prompt_token_ids=list(prompt_ids), multi_modal_data={"image": list(images)})
 
     async def generate(
@@ -417,7 +417,7 @@ class VLLMEngine(Engine):
         async for out in _engine_errors(results):
             last = out
         if last is None:
-            raise EngineError("vLLM returned no output for a scoring request")
+            raise EngineFailureError("vLLM returned no output for a scoring request")
         return last
 
     async def _token_logprobs(self, prompt_ids: Sequence[int], adapter: AdapterRef | None,
@@ -509,18 +509,18 @@ async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutp
             yield out
     except EngineDeadError as exc:
         log.error("vLLM engine died: %s", exc)
-        raise ServiceUnavailableError("the engine stopped; retry shortly", headers={"Retry-After": "5"}) from exc
+        raise EngineUnavailableError("the engine stopped; retry shortly", retry_after_s=5) from exc
     except VLLMClientError as exc:  # e.g. a prompt too long once its images are expanded
         log.info("vLLM refused a request: %s", exc)
         if structured is not None and _about_the_constraint(str(exc)):
             raise ConstraintError(f"{structured.param}: the constraint cannot be enforced by this server") from exc
-        raise BadRequestError("the engine refused the request (a prompt too long once its images are expanded, "
+        raise InputRefusedError("the engine refused the request (a prompt too long once its images are expanded, "
                               "or a limit of the engine)") from exc
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:
         log.exception("vLLM generation failed")
-        raise EngineError(f"generation failed ({type(exc).__name__}; see the server log)") from exc
+        raise EngineFailureError(f"generation failed ({type(exc).__name__}; see the server log)") from exc
 
 
 def _about_the_constraint(message: str) -> bool:
