@@ -1,12 +1,13 @@
 """The one context-length rule: a prompt (after tokenization, its images expanded) and the tokens
 asked for must fit the context, or the request is refused with a 400 before any forward pass.
 
-Every place that learns a prompt's final length calls `ensure_fits`: the request path for text
-prompts (`service.inference.prompt_ids`, before the engine queue), each engine once images are
-expanded (the embedded engine's image processor; vLLM's own processor, whose refusal is mapped to
-this error), and routing (the router's prompt and its longest answer, within `Router.max_prompt_tokens`). One
-function means one message and one number for the same condition everywhere, and no engine runs a
-generation that the context cannot hold: neither engine truncates `max_tokens` silently.
+Every place that learns a prompt's final length applies it: the request path for text prompts
+(`service.inference.prompt_ids`, before the engine queue) and routing (the router's prompt and its
+longest answer, within `Router.max_prompt_tokens`) with `ensure_fits`, each engine on the ids it will
+run with `overflow` (the same words, raised as the engine's own `InputRefusedError`; vLLM's refusal
+after expanding images is mapped to that error too). One rule means one message and one number for
+the same condition everywhere, and no engine runs a generation that the context cannot hold:
+neither engine truncates `max_tokens` silently.
 """
 
 from __future__ import annotations
@@ -20,15 +21,27 @@ if TYPE_CHECKING:
     from service.engine.vision import ImageSizes
 
 
+def refusal(prompt_tokens: int | None, new_tokens: int, limit: int, what: str = "prompt",
+            limit_name: str = "the context length") -> str:
+    """The one wording of a context-length refusal."""
+    size = f"has {prompt_tokens} tokens" if prompt_tokens is not None else "is too long"
+    asked = f" and {new_tokens} new tokens were asked for" if new_tokens else ""
+    return f"{what} {size}{asked}; {limit_name} is {limit}"
+
+
+def overflow(prompt_tokens: int, new_tokens: int, limit: int) -> str | None:
+    """The refusal when a prompt of `prompt_tokens` leaves no room for `new_tokens` within `limit`,
+    else None: for the engines, which raise it as their own error."""
+    return refusal(prompt_tokens, new_tokens, limit) if prompt_tokens + new_tokens > limit else None
+
+
 class ContextLengthError(BadRequestError):
-    """The prompt and the new tokens do not fit the context. Engines raise it without a `param`
-    (they do not know the API's field names); the request path names the field."""
+    """The prompt and the new tokens do not fit the context: the request path's refusal (400), which
+    names the field the prompt came from."""
 
     def __init__(self, prompt_tokens: int | None, new_tokens: int, limit: int, *, what: str = "prompt",
                  limit_name: str = "the context length", param: str | None = None):
-        size = f"has {prompt_tokens} tokens" if prompt_tokens is not None else "is too long"
-        asked = f" and {new_tokens} new tokens were asked for" if new_tokens else ""
-        super().__init__(f"{what} {size}{asked}; {limit_name} is {limit}", param=param)
+        super().__init__(refusal(prompt_tokens, new_tokens, limit, what, limit_name), param=param)
         self.prompt_tokens = prompt_tokens
         self.new_tokens = new_tokens
         self.limit = limit

@@ -61,9 +61,13 @@ def test_engines_name_no_api_field() -> None:
 
 def test_engines_raise_engine_errors() -> None:
     """Engines report in their own terms (`service.engine.errors`, no HTTP status); the request path
-    maps them to the service's errors (`errors.from_engine`)."""
+    maps them to the service's errors (`errors.from_engine`). The shared context rule too: engines take
+    its wording (`overflow`), not the service's refusal (`ensure_fits`, `ContextLengthError`)."""
     for path in files("service/engine"):
         assert "service.errors" not in imports_of(path), path.name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "service.context_window":
+                assert not {a.name for a in node.names} & {"ensure_fits", "ContextLengthError"}, path.name
 
 
 def test_benchmarks_do_not_import_test_helpers() -> None:

@@ -26,10 +26,9 @@ import tests.test_openai_api as openai_suite  # noqa: E402
 import tests.test_sampling_api as sampling_suite  # noqa: E402
 import tests.test_structured_output as structured_suite  # noqa: E402
 import tests.test_tool_calls as tool_suite  # noqa: E402
-from service.context_window import ContextLengthError  # noqa: E402
 from service.engine.base import AdapterRef, SamplingParams  # noqa: E402
 from service.engine.embedded import EmbeddedEngine  # noqa: E402
-from service.engine.errors import EngineError, GenerationInterruptedError  # noqa: E402
+from service.engine.errors import EngineError, GenerationInterruptedError, InputRefusedError  # noqa: E402
 from service.engine.vllm_engine import VLLMEngine, lora_rank_cap  # noqa: E402
 from service.routing.router import Router  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -177,7 +176,7 @@ def test_both_engines_refuse_what_the_context_cannot_hold(engines):
     too_many = SamplingParams(max_tokens=ENGINE_SETTINGS["max_model_len"] - len(ids) + 1)
     refusals = []
     for engine in (engines.vllm, engines.hf):
-        with pytest.raises(ContextLengthError) as refused:
+        with pytest.raises(InputRefusedError) as refused:
             engines.run(collect(engine, f"too-long-{len(refusals)}", ids, None, too_many))
         refusals.append(str(refused.value))
     assert refusals[0] == refusals[1] and f"prompt has {len(ids)} tokens" in refusals[0]

@@ -174,7 +174,7 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def add_adapter(self, adapter: AdapterRef) -> None:
-        """Make an adapter version resident; raises AdapterValidationError if its weights won't load."""
+        """Make an adapter version resident; raises AdapterRefusedError (engine.errors) if its weights will not load."""
 
     @abc.abstractmethod
     async def remove_adapter(self, adapter: AdapterRef) -> None: ...

@@ -25,7 +25,7 @@ import torch
 
 from service.adapter_validation import BaseModules, modules_of
 from service.base_model import BaseModelInfo, load_base_model
-from service.context_window import ensure_fits
+from service.context_window import overflow
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.errors import (
@@ -169,7 +169,7 @@ class EmbeddedEngine(Engine):
         except Exception as exc:  # an unreadable file (changed since validation): never the server's end
             log.warning("adapter %s could not be read: %s", adapter.key, exc)
             raise AdapterRefusedError(f"adapter {adapter.key} failed to load: its weights could not be read "
-                                         f"({type(exc).__name__}; the server log has the details)") from exc
+                                      f"({type(exc).__name__}; the server log has the details)") from exc
         await self._call(lambda: self._install(adapter, layers), f"load {adapter.key}")
 
     def _install(self, adapter: AdapterRef, layers: dict[str, LayerWeights]) -> None:
@@ -218,7 +218,9 @@ class EmbeddedEngine(Engine):
             prompt_ids = vision.ids
         # the request path checked already (images counted by their size); this is the engine's own
         # guarantee, on the ids it will run, that no sequence outgrows the context while decoding
-        ensure_fits(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
+        too_long = overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
+        if too_long is not None:
+            raise InputRefusedError(too_long)
         grammar = None
         if params.structured is not None:  # compiled before the row is queued, off the engine thread
             assert self._grammars is not None  # set by start()

@@ -69,7 +69,7 @@ class ImageSizes:
 
         if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
             raise InputRefusedError(f"image is {width}x{height} pixels; its sides may differ at most "
-                                  f"{MAX_ASPECT_RATIO} times")
+                                    f"{MAX_ASPECT_RATIO} times")
         factor = self.patch * self.merge
         h, w = smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return (h // self.patch) * (w // self.patch) // self.merge**2
@@ -96,7 +96,7 @@ class VisionInputs:
         slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
         if len(slots) != len(images):
             raise InputRefusedError(f"the prompt has {len(slots)} image placeholders for {len(images)} images "
-                                  "(does the base model's chat template render image parts?)")
+                                    "(does the base model's chat template render image parts?)")
         batch = self.processor(images=list(images), return_tensors="pt")
         grid = batch["image_grid_thw"]
         counts = [int(g.prod()) // self.merge**2 for g in grid]

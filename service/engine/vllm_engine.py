@@ -43,7 +43,7 @@ from typing import Any
 
 from service.adapter_validation import BaseModules, base_modules
 from service.base_model import BaseModelInfo, is_vision_language
-from service.context_window import ensure_fits
+from service.context_window import overflow
 from service.engine import vl_cpu_shim
 from service.engine.base import (
     LORA_IDS,
@@ -264,7 +264,7 @@ class VLLMEngine(Engine):
         except Exception as exc:  # vLLM raises many types for bad weights; none may take the server down
             log.warning("vLLM refused adapter %s: %s", adapter.key, exc)
             raise AdapterRefusedError(f"adapter {adapter.key} failed to load: vLLM refused its weights "
-                                         f"({type(exc).__name__}; the server log has the details)") from exc
+                                      f"({type(exc).__name__}; the server log has the details)") from exc
         self._adapters[adapter.key] = adapter
 
     async def _raise_rank_cap(self, adapter: AdapterRef) -> None:
@@ -296,7 +296,7 @@ class VLLMEngine(Engine):
                 self._rank_cap = old_cap
                 await self._relaunch()
                 raise AdapterRefusedError(f"adapter {adapter.key} has rank {adapter.rank}, and the engine "
-                                             "could not be restarted at a size that fits it") from exc
+                                          "could not be restarted at a size that fits it") from exc
 
     async def _relaunch(self) -> None:
         """Start vLLM at the current rank cap with every resident adapter (and the null LoRA)."""
@@ -361,7 +361,9 @@ class VLLMEngine(Engine):
         lora = self._lora_for(adapter)
         # as the embedded engine: refused, never silently shortened (images are vLLM's to expand and
         # check; the request path counted them already)
-        ensure_fits(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
+        too_long = overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
+        if too_long is not None:
+            raise InputRefusedError(too_long)
         vparams = VSamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -496,9 +498,9 @@ def _structured_outputs(structured: StructuredOutput | None) -> Any:
 
 async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutput | None = None
                          ) -> AsyncIterator[Any]:
-    """vLLM's outputs, with its failures turned into the service's errors (503 when the engine
-    died, 400 for what vLLM blames on the request, 500 otherwise) instead of leaking vLLM
-    exception types, or their text, into the HTTP layer: the text goes to the log. A constrained
+    """vLLM's outputs, with its failures turned into engine errors (unavailable when the engine
+    died, input refused for what vLLM blames on the request, failure otherwise) instead of leaking
+    vLLM exception types, or their text, toward clients: the text goes to the log. A constrained
     request's refusal about its constraint (vLLM validates it before the request runs) is a
     `ConstraintError`, which the request path names by the constraint's field."""
     from vllm.exceptions import VLLMClientError
@@ -515,7 +517,7 @@ async def _engine_errors(results: AsyncIterator[Any], structured: StructuredOutp
         if structured is not None and _about_the_constraint(str(exc)):
             raise ConstraintError(f"{structured.param}: the constraint cannot be enforced by this server") from exc
         raise InputRefusedError("the engine refused the request (a prompt too long once its images are expanded, "
-                              "or a limit of the engine)") from exc
+                                "or a limit of the engine)") from exc
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except Exception as exc:
