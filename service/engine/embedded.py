@@ -25,7 +25,6 @@ import torch
 
 from service.adapter_validation import BaseModules, modules_of
 from service.base_model import BaseModelInfo, load_base_model
-from service.context_window import overflow
 from service.engine import kv_batch, scorer
 from service.engine.base import AdapterRef, Engine, SamplingParams, TokenDelta
 from service.engine.errors import (
@@ -34,6 +33,7 @@ from service.engine.errors import (
     EngineUnavailableError,
     GenerationInterruptedError,
     InputRefusedError,
+    refuse_overflow,
 )
 from service.engine.grammar import GrammarCompiler
 from service.engine.grouped_lora import BASE, GroupedLoRA
@@ -218,9 +218,7 @@ class EmbeddedEngine(Engine):
             prompt_ids = vision.ids
         # the request path checked already (images counted by their size); this is the engine's own
         # guarantee, on the ids it will run, that no sequence outgrows the context while decoding
-        too_long = overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
-        if too_long is not None:
-            raise InputRefusedError(too_long)
+        refuse_overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
         grammar = None
         if params.structured is not None:  # compiled before the row is queued, off the engine thread
             assert self._grammars is not None  # set by start()

@@ -9,6 +9,8 @@ error body with the same status.
 
 from __future__ import annotations
 
+from service.context_window import overflow
+
 
 class EngineError(Exception):
     """Base of every engine report; `message` is safe to show a client (no paths, no library text)."""
@@ -50,3 +52,11 @@ class GenerationInterruptedError(EngineUnavailableError):
 
 class EngineFailureError(EngineError):
     """A step failed for a reason of the engine's own (the server log has the details)."""
+
+
+def refuse_overflow(prompt_tokens: int, new_tokens: int, limit: int) -> None:
+    """The shared context rule (`context_window.overflow`, its one wording) as an engine's refusal:
+    each engine's own guarantee, on the ids it will run, that no sequence outgrows the context."""
+    problem = overflow(prompt_tokens, new_tokens, limit)
+    if problem is not None:
+        raise InputRefusedError(problem)

@@ -50,11 +50,12 @@ class _Layer:
     weights: dict[str, LayerWeights]
     stacked_for: tuple[str, ...] = ()
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None
-    widths: tuple[tuple[str, int], ...] = ()
+    layout: tuple[tuple[str, int, float], ...] = ()  # each stacked adapter's name, rank and scaling
 
     def stack(self, present: tuple[str, ...]
-              ) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, int], ...]] | None:
-        """The stacked A and B of the adapters in `present` that this layer carries (None: none)."""
+              ) -> tuple[torch.Tensor, torch.Tensor, tuple[tuple[str, int, float], ...]] | None:
+        """The stacked A and B of the adapters in `present` that this layer carries, and their layout
+        (None: none)."""
         here = tuple(n for n in present if n in self.weights)
         if not here:
             return None
@@ -62,8 +63,8 @@ class _Layer:
             self.stacked_for = here
             self.stacked = (torch.cat([self.weights[n][0] for n in here]),
                             torch.cat([self.weights[n][1] for n in here], dim=1))
-            self.widths = tuple((n, self.weights[n][0].shape[0]) for n in here)
-        return self.stacked[0], self.stacked[1], self.widths
+            self.layout = tuple((n, self.weights[n][0].shape[0], self.weights[n][2]) for n in here)
+        return self.stacked[0], self.stacked[1], self.layout
 
 
 @dataclass
@@ -76,20 +77,20 @@ class _Plan:
     uniform: str | None  # every row on this one adapter
     masks: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def mask(self, layer: _Layer, widths: tuple[tuple[str, int], ...], dtype: torch.dtype
+    def mask(self, layout: tuple[tuple[str, int, float], ...], dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (widths, tuple(layer.weights[n][2] for n, _ in widths), dtype)
+        key = (layout, dtype)
         cached = self.masks.get(key)
         if cached is None:
-            total = sum(w for _, w in widths)
+            total = sum(width for _, width, _ in layout)
             mask = torch.zeros(len(self.rows), total, dtype=dtype)
             scale = torch.zeros(len(self.rows), 1, dtype=dtype)
             start = 0
-            for name, width in widths:
+            for name, width, scaling in layout:
                 for i, row in enumerate(self.rows):
                     if row == name:
                         mask[i, start:start + width] = 1
-                        scale[i, 0] = layer.weights[name][2]
+                        scale[i, 0] = scaling
                 start += width
             cached = self.masks[key] = (mask, scale)
         return cached
@@ -151,8 +152,8 @@ class GroupedLoRA:
         stacked = layer.stack(plan.present)
         if stacked is None:  # no row's adapter touches this layer
             return output
-        a, b, widths = stacked
-        mask, scale = plan.mask(layer, widths, a.dtype)
+        a, b, layout = stacked
+        mask, scale = plan.mask(layout, a.dtype)
         if x.dim() > 2:  # [rows, positions, features]: one mask row per sequence, for all its positions
             mask, scale = mask.unsqueeze(1), scale.unsqueeze(1)
         return output + (F.linear(F.linear(x.to(a.dtype), a) * mask, b) * scale).to(output.dtype)

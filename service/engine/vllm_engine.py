@@ -43,7 +43,6 @@ from typing import Any
 
 from service.adapter_validation import BaseModules, base_modules
 from service.base_model import BaseModelInfo, is_vision_language
-from service.context_window import overflow
 from service.engine import vl_cpu_shim
 from service.engine.base import (
     LORA_IDS,
@@ -61,6 +60,7 @@ from service.engine.errors import (
     EngineUnavailableError,
     GenerationInterruptedError,
     InputRefusedError,
+    refuse_overflow,
 )
 from service.engine.output import OutputBuilder, end_of_sequence_ids
 from service.engine.vision import ImageSizes
@@ -361,9 +361,7 @@ class VLLMEngine(Engine):
         lora = self._lora_for(adapter)
         # as the embedded engine: refused, never silently shortened (images are vLLM's to expand and
         # check; the request path counted them already)
-        too_long = overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
-        if too_long is not None:
-            raise InputRefusedError(too_long)
+        refuse_overflow(len(prompt_ids), params.max_tokens, self.settings.max_model_len)
         vparams = VSamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
