@@ -42,7 +42,9 @@ from service.registration import register_adapter
 from service.settings import PROJECT_ROOT, Settings
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
-SERVICE_ENV = {"LORAMUX_MAX_LORAS": "14", "LORAMUX_KV_CACHE_GB": "2.0"}  # vLLM: 12 adapters, the router, 64 x 300
+# vLLM: 12 adapters and the router, KV for 64 x 300 tokens; a deadline past the longest point (64 x 256 tokens
+# take about two minutes here, over the 120 s default)
+SERVICE_ENV = {"LORAMUX_MAX_LORAS": "14", "LORAMUX_KV_CACHE_GB": "2.0", "LORAMUX_REQUEST_TIMEOUT_S": "1800"}
 
 
 def make_adapters(base: BaseModelInfo, root: Path) -> dict[str, Path]:
